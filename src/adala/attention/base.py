@@ -1,0 +1,65 @@
+"""The one interface every attention kind implements.
+
+A kind is built *from* a teacher's softmax attention module and takes over its submodules
+(qkv, q_norm, k_norm, norm, proj) by reference, so state-dict keys and pretrained tensors stay
+exactly the teacher's; only a kind's own extra parameters get new names. Subclasses implement
+``mix(q, k, v)`` on (B, H, N, D) tensors; everything around it is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class KernelAttention(nn.Module):
+    """Shared projection plumbing; ``mix`` is the only thing a kind has to write."""
+
+    kind: str = "?"
+
+    def __init__(self, attn: nn.Module, **options: Any) -> None:
+        super().__init__()
+        if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
+            from ..errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"cannot linearize {type(attn).__name__}: expected a timm-style attention with fused qkv"
+            )
+        self.num_heads = attn.num_heads
+        self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // (3 * attn.num_heads))
+        self.attn_dim = self.num_heads * self.head_dim
+        self.scale = getattr(attn, "scale", self.head_dim**-0.5)
+        self.qkv = attn.qkv
+        self.q_norm = getattr(attn, "q_norm", nn.Identity())
+        self.k_norm = getattr(attn, "k_norm", nn.Identity())
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.gate = getattr(attn, "gate", None)
+        self.proj = attn.proj
+        self.proj_drop = getattr(attn, "proj_drop", nn.Identity())
+        self.options = dict(options)
+        self.num_prefix_tokens = 0  # set by surgery; kinds with a patch grid need it
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError(f"{self.kind} attention is non-causal and takes no attn_mask")
+        b, n, _ = x.shape
+        q, k, v = self.qkv_heads(x)
+        out = self.mix(q, k, v)
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, heads={self.num_heads}, head_dim={self.head_dim}, options={self.options}"

@@ -1,0 +1,83 @@
+"""The small JSON record that rebuilds a model with no network and no pickle.
+
+It travels as ``model.adala_config`` on the module, as ``adala.json`` in a saved directory, and in
+the safetensors header, so any of the three is enough to rebuild the architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import timm
+from torch import nn
+
+from ..errors import CheckpointError, UnsupportedModelError
+from .pos_embed import disable_pos_embed_antialias
+
+FORMAT = "adala-model/1"
+
+# task type -> builder(backbone, task_config) -> module; registered by the fine-tuning stage.
+TASK_BUILDERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
+
+
+def get_config(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "adala_config", None)
+    if cfg is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} carries no adala_config; build it with adala.load_teacher/linearize"
+        )
+    return cfg
+
+
+def set_config(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    model.adala_config = copy.deepcopy(cfg)
+    return model
+
+
+def teacher_config(arch: str, timm_kwargs: dict, spec: str, model: nn.Module, antialias: bool) -> dict:
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    return {
+        "format": FORMAT,
+        "arch": arch,
+        "timm_kwargs": dict(timm_kwargs),
+        "teacher": spec,
+        "pos_embed_antialias": antialias,
+        "patch_size": int(model.patch_embed.patch_size[0]),
+        "mean": list(pcfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(pcfg.get("std", (0.229, 0.224, 0.225))),
+        "img_size": 224,
+        "attention": None,
+        "task": None,
+    }
+
+
+def build_backbone(cfg: dict[str, Any]) -> nn.Module:
+    """The timm model a config describes, with random weights (the caller loads the real ones)."""
+    try:
+        model = timm.create_model(cfg["arch"], pretrained=False, **cfg.get("timm_kwargs", {}))
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"cannot build architecture {cfg.get('arch')!r}: {e}") from None
+    if not cfg.get("pos_embed_antialias", True):
+        disable_pos_embed_antialias(model)
+    return model
+
+
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    """Architecture (teacher → attention swap → task head) from a config, weights not loaded."""
+    from .surgery import linearize_blocks
+
+    model = build_backbone(cfg)
+    set_config(model, {**cfg, "attention": None, "task": None})
+    att = cfg.get("attention")
+    if att:
+        model = linearize_blocks(model, att["blocks"], att.get("options", {}), inplace=True)
+    task = cfg.get("task")
+    if task:
+        from .. import stages  # noqa: F401  (registers task builders)
+
+        if task["type"] not in TASK_BUILDERS:
+            raise CheckpointError(f"unknown task head {task['type']!r} in config")
+        model = TASK_BUILDERS[task["type"]](model, task)
+    return set_config(model, cfg)

