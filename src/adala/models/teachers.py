@@ -6,9 +6,11 @@ that is a multiple of its patch size (``dynamic_img_size=True``: position embedd
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,8 @@ def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         raise UnknownTeacherError(f"timm has no model {name!r} (see timm.list_models())")
     kw = {"dynamic_img_size": True, "num_classes": 0, **kwargs}
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kw)
+        with _offline_unless_reachable(pretrained):
+            model = timm.create_model(name, pretrained=pretrained, **kw)
     except TypeError as e:
         raise UnknownTeacherError(f"timm model {name!r} does not accept {sorted(kw)}: {e}") from None
     except Exception as e:  # hub errors come in many types; all mean "could not fetch"
@@ -82,6 +85,29 @@ def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         disable_pos_embed_antialias(model)
     arch = model.default_cfg.get("architecture", base) if hasattr(model, "default_cfg") else base
     return set_config(model, teacher_config(arch, kw, f"timm:{name}", model, antialias))
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable(pretrained: bool, host: str = "huggingface.co"):
+    """Without a network, ask the hub client for its local cache only: a cached model still loads and a
+    missing one fails at once, instead of a minute of retries."""
+    offline = False
+    if pretrained:
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            offline = True
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hf_constants
+
+    old = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = old
 
 
 def _timm_saved(path: Path, weights: Path, allow_pickle: bool) -> nn.Module:

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny random ViTs (seconds) and the embedded teacher (cached once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adala
+
+
+def tiny_teacher(arch: str = "vit_small_patch14_dinov2", **kw) -> torch.nn.Module:
+    """A random-weight timm ViT with adala's config, small enough for unit tests."""
+    args = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2, **kw}
+    return adala.load_teacher(f"timm:{arch}", pretrained=False, **args)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher():
+    return adala.load_teacher("dinov2-s14")
