@@ -61,6 +61,10 @@ def build_backbone(cfg: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"cannot build architecture {cfg.get('arch')!r}: {e}") from None
     if not cfg.get("pos_embed_antialias", True):
         disable_pos_embed_antialias(model)
+    if cfg.get("layer_norm_eps") is not None:  # e.g. HF ViT's 1e-12; kept out of timm kwargs to stay JSON
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = float(cfg["layer_norm_eps"])
     return model
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from .. import attention as attention_registry
 from ..attention.base import KernelAttention
 from ..errors import UnsupportedModelError
+from . import hf
 from .config import get_config, set_config
 
 SUPPORTED = (
@@ -88,6 +89,8 @@ def linearize(
     **options: Any,
 ) -> nn.Module:
     """A copy of ``model`` whose softmax attentions are ``attention`` (blocks in ``keep_softmax`` stay exact)."""
+    if hf.is_hf_model(model):  # a transformers DINOv2/ViT/CLIP/SigLIP: its timm equivalent first
+        model = hf.from_hf(model)
     n = len(attention_modules(model))
     keep = set(keep_softmax or [])
     bad = [i for i in keep if not 0 <= i < n]

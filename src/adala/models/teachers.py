@@ -32,6 +32,8 @@ EMBEDDED = {
 FORMS = [
     ("dinov2-s14", "the embedded teacher (default)"),
     ("timm:<model_name>", "timm pretrained weights, e.g. timm:vit_large_patch14_dinov2.lvd142m (needs the hub)"),
+    ("hf:<name_or_dir>", "a Hugging Face DINOv2/ViT/CLIP/SigLIP vision model, e.g. hf:facebook/dinov2-small "
+                         "(needs the hub) or a save_pretrained directory"),
     ("<dir>", "a directory saved by adala (adala.json) or by timm (config.json + model.safetensors)"),
     ("<file>.safetensors", "weights saved by adala, or by timm with a config.json beside them"),
 ]
@@ -163,6 +165,10 @@ def load_teacher(spec: str = "dinov2-s14", pretrained: bool = True, allow_pickle
         model = _embedded_dinov2_s14()
     elif spec.startswith("timm:"):
         model = _timm_teacher(spec[5:], pretrained, **timm_kwargs)
+    elif spec.startswith("hf:"):
+        from .hf import load_hf
+
+        model = load_hf(spec[3:], pretrained, **timm_kwargs)
     elif os.path.exists(spec):
         model = _local(Path(spec), allow_pickle)
     else:
