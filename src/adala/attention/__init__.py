@@ -1,6 +1,7 @@
 """Attention kinds behind one registry. Importing this package registers the built-in kinds."""
 
-from . import linear, softmax  # noqa: F401  (registration side effects)
+# registration side effects:
+from . import focused, hedgehog, linear, nystrom, performer, softmax, window_hybrid  # noqa: F401
 from .base import KernelAttention
 from .registry import available, build, get, register
 

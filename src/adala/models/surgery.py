@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import attention as attention_registry
 from ..attention.base import KernelAttention
+from ..attention.window_hybrid import attach_patch_grid
 from ..errors import UnsupportedModelError
 from . import hf
 from .config import get_config, set_config
@@ -78,6 +79,7 @@ def linearize_blocks(
         new.num_prefix_tokens = num_prefix
         new.train(src.training)
         block.attn = new
+    attach_patch_grid(model)  # kinds that work on the 2-D patch grid learn its true (non-square) size
     att = {"kind": _main_kind(kinds), "options": dict(options), "blocks": list(kinds)}
     return set_config(model, {**cfg, "attention": att})
 

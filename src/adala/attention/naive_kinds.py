@@ -1,0 +1,127 @@
+"""Float64 references for hedgehog / window-hybrid / nystrom / performer / focused that build the N×N attention
+matrix explicitly (masks, landmarks and convolutions written out). Tests only: O(N²) memory on purpose, and
+written independently of the modules (loops and explicit masks instead of shifts, matmul tricks and convs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _apply(a: torch.Tensor, v: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Row-normalise the (B,H,N,M) weights and apply them to v (B,H,M,Dv)."""
+    return torch.einsum("bhnm,bhme->bhne", a, v.double()) / (a.sum(-1, keepdim=True) + eps)
+
+
+def hedgehog_reference(q, k, v, weight_q, weight_k, eps: float = 1e-6) -> torch.Tensor:
+    def phi(x, w):
+        z = torch.einsum("bhnd,hdf->bhnf", x.double(), w.double())
+        e = torch.cat([z, -z], -1)
+        e = torch.exp(e - e.amax(-1, keepdim=True))
+        return e / e.sum(-1, keepdim=True)
+
+    a = torch.einsum("bhnf,bhmf->bhnm", phi(q, weight_q), phi(k, weight_k))
+    return _apply(a, v, eps)
+
+
+def window_exact_mask(n: int, prefix: int, h: int, w: int, window: int) -> torch.Tensor:
+    """(N, N) bool: which (query, key) pairs window-hybrid attends to exactly."""
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[:prefix, :] = True
+    mask[:, :prefix] = True
+    r = window // 2
+    for i in range(h * w):
+        yi, xi = divmod(i, w)
+        for j in range(h * w):
+            yj, xj = divmod(j, w)
+            if abs(yi - yj) <= r and abs(xi - xj) <= r:
+                mask[prefix + i, prefix + j] = True
+    return mask
+
+
+def window_hybrid_reference(q, k, v, scale, prefix, grid, window, gamma, eps: float = 1e-6) -> torch.Tensor:
+    """a = exp(s·qk − max over the exact set) there; b = γ φq·φk / (φq·mean_patches φk) elsewhere."""
+    q, k = q.double(), k.double()
+    n = q.shape[2]
+    exact = window_exact_mask(n, prefix, grid[0], grid[1], window)
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+    m = scores.masked_fill(~exact, -math.inf).amax(-1, keepdim=True)
+    a = torch.exp(scores - m) * exact
+    elu1 = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
+    lin = torch.einsum("bhnd,bhmd->bhnm", elu1(q), elu1(k))
+    mean_k = lin[..., prefix:].mean(-1, keepdim=True)
+    g = torch.as_tensor(gamma, dtype=torch.float64).view(1, -1, 1, 1)
+    b = g * lin / mean_k * ~exact
+    return _apply(a + b, v, eps)
+
+
+def nystrom_reference(q, k, v, scale, landmarks, pinv_iterations: int = 6) -> torch.Tensor:
+    q, k, vv = q.double(), k.double(), v.double()
+    n = q.shape[2]
+    if n <= landmarks:
+        a = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q, k) * scale, -1)
+        return _apply(a, vv)
+    segs = [(i * n // landmarks, (i + 1) * n // landmarks) for i in range(landmarks)]
+    q_l = torch.stack([q[:, :, s:e].mean(2) for s, e in segs], 2)
+    k_l = torch.stack([k[:, :, s:e].mean(2) for s, e in segs], 2)
+    f = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q, k_l) * scale, -1)
+    a = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q_l, k_l) * scale, -1)
+    bm = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q_l, k) * scale, -1)
+    if pinv_iterations == 0:
+        z = torch.linalg.pinv(a)
+    else:
+        z = torch.empty_like(a)
+        eye = torch.eye(landmarks, dtype=torch.float64)
+        for bi in range(a.shape[0]):
+            for hi in range(a.shape[1]):
+                am = a[bi, hi]
+                zm = am.T / (torch.linalg.matrix_norm(am, 1) * torch.linalg.matrix_norm(am, math.inf))
+                for _ in range(pinv_iterations):
+                    az = am @ zm
+                    zm = 0.25 * zm @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+                z[bi, hi] = zm
+    full = f @ z @ bm  # the explicit (N, N) approximate attention matrix
+    return torch.einsum("bhnm,bhme->bhne", full, vv)
+
+
+def performer_reference(q, k, v, projection, scale, kernel_eps: float = 1e-4, eps: float = 1e-6) -> torch.Tensor:
+    w = projection.double()
+    m = w.shape[0]
+
+    def phi(x, per_query):
+        x = x.double() * math.sqrt(scale)
+        z = torch.einsum("bhnd,md->bhnm", x, w) - 0.5 * (x**2).sum(-1, keepdim=True)
+        c = z.amax(-1, keepdim=True) if per_query else z.amax((-2, -1), keepdim=True)
+        return (torch.exp(z - c) + kernel_eps) / math.sqrt(m)
+
+    a = torch.einsum("bhnf,bhmf->bhnm", phi(q, True), phi(k, False))
+    return _apply(a, v, eps)
+
+
+def focused_reference(q, k, v, feature_scale, p, dwc_weight, dwc_bias, prefix, grid, eps: float = 1e-6):
+    """Focused linear attention as an explicit N×N matrix, plus the depthwise conv written as a neighbour sum."""
+    s = torch.nn.functional.softplus(feature_scale.double())  # (H, 1, D)
+
+    def phi(x):
+        r = torch.relu(x.double() / s) + 1e-6
+        rp = r**p
+        return r.norm(dim=-1, keepdim=True) * rp / rp.norm(dim=-1, keepdim=True)
+
+    a = torch.einsum("bhnd,bhmd->bhnm", phi(q), phi(k))
+    out = _apply(a, v, eps)
+    h, w = grid
+    kernel = dwc_weight.shape[-1]
+    r = kernel // 2
+    vv = v.double()
+    wt, bias = dwc_weight.double()[:, 0], dwc_bias.double()  # (D, kh, kw), (D,)
+    conv = torch.zeros_like(out[:, :, prefix:]) + bias
+    for i in range(h * w):
+        yi, xi = divmod(i, w)
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                yj, xj = yi + dy, xi + dx
+                if 0 <= yj < h and 0 <= xj < w:
+                    conv[:, :, i] += wt[:, dy + r, dx + r] * vv[:, :, prefix + yj * w + xj]
+    return torch.cat([out[:, :, :prefix], out[:, :, prefix:] + conv], dim=2)
