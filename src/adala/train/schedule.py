@@ -1,0 +1,50 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the base lr for the update made at 0-based ``step``.
+
+    Linear warmup over ``warmup`` updates (the first update already gets lr/warmup, never 0), then a cosine
+    from 1 down to ``min_ratio`` reached after the last update.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:  # a plain function, so state_dict() holds no callable state
+        return lr_factor(step, total, warmup, min_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def trainable_parameters(objective: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, param)`` for every parameter with requires_grad, in module order (the optimizer's order)."""
+    return [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(
+    objective: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, 1-D params (norms, scales) and what the student's
+    ``no_weight_decay()`` names (timm: pos_embed, cls_token), since decaying those hurts ViTs."""
+    skip: set[int] = set()
+    student = getattr(objective, "student", None)
+    if student is not None and hasattr(student, "no_weight_decay"):
+        names = set(student.no_weight_decay())
+        skip = {id(p) for n, p in student.named_parameters() if n in names}
+    decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias") and id(p) not in skip]
+    no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias") and id(p) not in skip)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
