@@ -2,14 +2,30 @@
 
 Sums and normaliser are accumulated in fp32 even under bf16/fp16 autocast, because a sum over
 thousands of tokens in half precision loses the small terms and the normaliser can underflow.
+
+Two entry points with the same math, out = φq (φkᵀ v) / (φq · Σφk + eps):
+
+- ``linear_attention(phi_q, phi_k, v)``: any dtype, autocast, autograd; what every kind's ``mix`` uses.
+- ``fused_linear_attention(qkv, ...)``: no-grad inference straight from the packed qkv projection.
+  It applies φ in place on the projection, reads q/k/v through strided views (no permute copies),
+  and writes the result in the (B, N, H·D) layout the output projection wants, so the only passes
+  over memory besides the two small matmuls are φ and the division. ``packed_projection`` computes
+  that projection into a reusable per-thread CPU workspace: at high resolution it is larger than
+  glibc's mmap threshold (32 MiB), so a fresh tensor costs one page fault per 4 KiB on every call.
+
+With autograd the normaliser rides with the numerator: Σφk is stacked as one extra column next to
+φkᵀv (a d×(d+1) matrix), so φq·[φkᵀv | Σφk] yields both in one matmul and one backward node.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 DEFAULT_EPS = 1e-6
 
@@ -25,7 +41,126 @@ def relu(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x)
 
 
+def elu_plus_one_(x: torch.Tensor) -> torch.Tensor:
+    """In-place φ for no-grad inference: no new N×D buffer."""
+    return F.elu_(x).add_(1.0)
+
+
+def relu_(x: torch.Tensor) -> torch.Tensor:
+    return F.relu_(x)
+
+
 FEATURE_MAPS: dict[str, FeatureMap] = {"elu": elu_plus_one, "relu": relu}
+FEATURE_MAPS_INPLACE: dict[str, FeatureMap] = {"elu": elu_plus_one_, "relu": relu_}
+
+
+def _elu_plus_one_one_pass_(x: torch.Tensor) -> None:
+    # ELU(x)+1 is x+1 above 0 and exp(x) below: one fused pass once compiled (eager ELU is an
+    # expm1 pass plus an add pass), and exp(x) is at least as accurate as expm1(x)+1.
+    x.copy_(torch.where(x > 0, x + 1.0, torch.exp(x)))
+
+
+_COMPILE = {"enabled": os.environ.get("ADALA_COMPILE_FEATURE_MAPS", "") not in ("", "0"), "fns": {}}
+
+
+def set_compiled_feature_maps(enabled: bool) -> bool:
+    """Run the fused path's ELU+1 through ``torch.compile`` (one pass instead of two; about 2x
+    faster on CPU). Off by default: the first call compiles C++ (tens of seconds on a small CPU).
+    Also set by the environment variable ``ADALA_COMPILE_FEATURE_MAPS=1``. Returns the old value."""
+    old = _COMPILE["enabled"]
+    _COMPILE["enabled"] = bool(enabled)
+    return old
+
+
+def _inplace_feature_map(name: str) -> FeatureMap:
+    if not (_COMPILE["enabled"] and name == "elu"):
+        return FEATURE_MAPS_INPLACE[name]
+    fn = _COMPILE["fns"].get(name)
+    if fn is None:
+        fn = _COMPILE["fns"][name] = torch.compile(_elu_plus_one_one_pass_, dynamic=True)
+    return fn
+
+
+_WORKSPACE = threading.local()
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat scratch buffer of at least ``numel`` elements, reused across calls by this thread.
+
+    Only for data consumed before the next call (the packed qkv projection). Kept apart per
+    inference mode, since inference tensors cannot be written outside inference mode.
+    """
+    bufs = getattr(_WORKSPACE, "bufs", None)
+    if bufs is None:
+        bufs = _WORKSPACE.bufs = {}
+    key = (dtype, torch.device(device), torch.is_inference_mode_enabled())
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        bufs.pop(key, None)  # free the old one before allocating the larger one
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def clear_workspace() -> None:
+    """Release this thread's scratch buffers (they hold the largest projection seen so far)."""
+    _WORKSPACE.bufs = {}
+
+
+def packed_projection(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear(x)`` for (B, N, C) ``x`` without autograd; on CPU written into the workspace.
+
+    The result is only valid until this thread's next call: it is meant for
+    ``fused_linear_attention``, which consumes it in place.
+    """
+    if x.device.type != "cpu":
+        return F.linear(x, linear.weight, linear.bias)
+    b, n, c = x.shape
+    out = workspace(b * n * linear.out_features, x.dtype, x.device).view(b * n, linear.out_features)
+    x2 = x.reshape(b * n, c)
+    if linear.bias is None:
+        torch.mm(x2, linear.weight.t(), out=out)
+    else:
+        torch.addmm(linear.bias, x2, linear.weight.t(), out=out)
+    return out.view(b, n, linear.out_features)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kv_with_sum(phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[φkᵀv | Σφk]: (…, D, Dv+1), the whole state linear attention keeps about the keys."""
+    kt = phi_k.transpose(-2, -1)
+    kv = torch.bmm(kt, v) if kt.dim() == 3 else kt @ v  # bmm takes strided views as they are
+    return torch.cat([kv, phi_k.sum(-2).unsqueeze(-1)], dim=-1)
+
+
+def _mix_no_grad(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, num: torch.Tensor, den: torch.Tensor,
+    eps: float,
+) -> None:
+    """One image: q (H, N, D), k (H, M, D), v (H, M, Dv) views of any strides -> ``out`` (H, N, Dv).
+
+    ``num`` (H, N, Dv) and ``den`` (H, N) are contiguous scratch. The numerator matmul is kept at
+    Dv columns (a 65th normaliser column costs BLAS ~50 % more at D=64 on CPU); the normaliser is
+    one matrix-vector product per head instead, and the division writes ``out`` in whatever layout
+    it has, so a transposed view of the (N, H, Dv) result costs no extra pass.
+    """
+    kv = torch.bmm(k.transpose(1, 2), v)  # (H, D, Dv)
+    ksum = k.sum(1)  # (H, D)
+    torch.bmm(q, kv, out=num)
+    normaliser(q, ksum, den, per_head=q.device.type == "cpu")
+    torch.div(num, den.add_(eps).unsqueeze(-1), out=out)
+
+
+def normaliser(q: torch.Tensor, ksum: torch.Tensor, den: torch.Tensor, per_head: bool) -> None:
+    """den[h] = q[h] · ksum[h] for q (H, N, D): one BLAS gemv per head on CPU (a batched
+    (N, D)x(D, 1) bmm is several times slower there), one bmm on GPUs (one launch)."""
+    if per_head:
+        for h in range(q.shape[0]):
+            torch.mv(q[h], ksum[h], out=den[h])
+    else:
+        torch.bmm(q, ksum.unsqueeze(-1), out=den.unsqueeze(-1))
 
 
 def linear_attention(
@@ -34,16 +169,53 @@ def linear_attention(
     """out = φq (φkᵀ v) / (φq · Σφk + eps) for already-mapped features.
 
     Shapes: phi_q (B, H, N, D), phi_k (B, H, M, D), v (B, H, M, Dv) -> (B, H, N, Dv).
-    The normaliser rides along as an extra column of ones on v, so K-sum and KᵀV are one matmul
-    and numerator and denominator are one more: two passes over the tokens instead of four.
+    Without autograd the result is written straight into (B, N, H, Dv) memory and returned as its
+    (B, H, N, Dv) view, so the caller's ``transpose(1, 2).reshape`` is free instead of a copy.
     """
     out_dtype = v.dtype
     with torch.autocast(device_type=v.device.type, enabled=False):
-        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(v.dtype)
         phi_q, phi_k, v = phi_q.to(acc), phi_k.to(acc), v.to(acc)
-        ones = torch.ones(*v.shape[:-1], 1, dtype=acc, device=v.device)
-        kv = phi_k.transpose(-2, -1) @ torch.cat([v, ones], dim=-1)  # (B, H, D, Dv+1)
-        qkv = phi_q @ kv  # (B, H, N, Dv+1)
-        num, den = qkv[..., :-1], qkv[..., -1:]
-        out = num / (den + eps)
+        dv = v.shape[-1]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v))
+        if needs_grad or phi_q.dim() != 4:
+            nd = phi_q @ _kv_with_sum(phi_k, v)  # (…, N, Dv+1): numerator and normaliser together
+            out = nd[..., :dv] / (nd[..., dv:] + eps)
+        else:
+            b, h, n, _ = phi_q.shape
+            mem = torch.empty(b, n, h, dv, dtype=acc, device=v.device)
+            num = torch.empty(h, n, dv, dtype=acc, device=v.device)
+            den = torch.empty(h, n, dtype=acc, device=v.device)
+            for i in range(b):  # 3-D products on strided views: no reshape copies of q, k, v
+                _mix_no_grad(phi_q[i], phi_k[i], v[i], mem[i].transpose(0, 1), num, den, eps)
+            out = mem.transpose(1, 2)
     return out.to(out_dtype)
+
+
+def fused_linear_attention(
+    qkv: torch.Tensor, num_heads: int, head_dim: int, feature_map: str = "elu", eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """Inference linear attention from the packed projection ``qkv`` (B, N, 3·H·D) -> (B, N, H·D).
+
+    Overwrites the q and k thirds of ``qkv`` with their features (pass a tensor nobody else reads).
+    Requires fp32/fp64 without autocast and no autograd; results equal ``linear_attention`` on
+    ``FEATURE_MAPS[feature_map]`` features up to float rounding. Why each step is shaped this way:
+    φ runs once over the contiguous q|k slab; the per-image products read q/k/v as (H, N, D) views
+    with row stride 3·H·D, which BLAS takes as a leading dimension (no copies); the division
+    writes into the (N, H, D) output through a transposed view, so no transpose pass follows.
+    """
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        raise RuntimeError("fused_linear_attention is inference-only; use linear_attention for training")
+    b, n, width = qkv.shape
+    a = num_heads * head_dim
+    if width != 3 * a:
+        raise ValueError(f"qkv has {width} features, expected 3·{num_heads}·{head_dim}")
+    _inplace_feature_map(feature_map)(qkv[..., : 2 * a])
+    out = qkv.new_empty(b, n, num_heads, head_dim)
+    num = qkv.new_empty(num_heads, n, head_dim)
+    den = qkv.new_empty(num_heads, n)
+    for i in range(b):
+        t = qkv[i].view(n, 3, num_heads, head_dim)
+        q, k, v = (t[:, j].transpose(0, 1) for j in range(3))  # (H, N, D) strided views
+        _mix_no_grad(q, k, v, out[i].transpose(0, 1), num, den, eps)
+    return out.view(b, n, a)

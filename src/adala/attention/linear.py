@@ -1,4 +1,9 @@
-"""Kernel linear attention with a fixed feature map: ``linear-elu`` (paper default), ``linear-relu``."""
+"""Kernel linear attention with a fixed feature map: ``linear-elu`` (paper default), ``linear-relu``.
+
+Inference (no autograd, fp32/fp64, no autocast) takes ``fused_linear_attention`` straight from the
+packed qkv projection; everything else (training, bf16/fp16 autocast, hooks on ``qkv``, q/k norms)
+goes through ``mix`` and the shared plumbing, with identical results up to float rounding.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,15 @@ import torch
 from torch import nn
 
 from .base import KernelAttention
-from .kernels import DEFAULT_EPS, FEATURE_MAPS, linear_attention
+from .kernels import DEFAULT_EPS, FEATURE_MAPS, fused_linear_attention, linear_attention, packed_projection
 from .registry import register
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _tracing() -> bool:
+    """Tracers, exporters and compilers get the plain functional path (no out=, no workspace)."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 class LinearAttention(KernelAttention):
@@ -22,6 +34,34 @@ class LinearAttention(KernelAttention):
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return linear_attention(self.feature_map(q), self.feature_map(k), v, self.eps)
+
+    def can_fuse(self, x: torch.Tensor) -> bool:
+        """The fused path overwrites the qkv projection in place, so it needs a tensor nobody else
+        sees (no autograd, no hooks on ``qkv``, no tracer) and the plain mix (no q/k norm, no subclass mix)."""
+        records_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.qkv.parameters())
+        )
+        return (
+            not records_grad
+            and not _tracing()
+            and x.dtype in _FUSED_DTYPES
+            and not torch.is_autocast_enabled(x.device.type)
+            and isinstance(self.q_norm, nn.Identity)
+            and isinstance(self.k_norm, nn.Identity)
+            and type(self).mix is LinearAttention.mix
+            and isinstance(self.qkv, nn.Linear)
+            and not (self.qkv._forward_hooks or self.qkv._forward_pre_hooks)
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        if attn_mask is not None or not self.can_fuse(x):
+            return super().forward(x, attn_mask=attn_mask, **kw)
+        qkv = packed_projection(x, self.qkv)  # CPU: a reused workspace, consumed in place right here
+        out = fused_linear_attention(qkv, self.num_heads, self.head_dim, self.feature_map_name, self.eps)
+        out = self.norm(out)
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        return self.proj_drop(self.proj(out))
 
 
 @register("linear-elu")

@@ -35,7 +35,7 @@ def parse_options(items: list[str] | None) -> dict:
     return out
 
 
-def parse_keep(value: str | None) -> list[int] | None:
+def parse_keep(value: str | None, flag: str = "--keep-softmax") -> list[int] | None:
     from ..errors import ConfigError
 
     if not value:
@@ -43,18 +43,56 @@ def parse_keep(value: str | None) -> list[int] | None:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--keep-softmax expects block indices like 0,11 (got {value!r})") from None
+        raise ConfigError(f"{flag} expects block indices like 0,11 (got {value!r})") from None
 
 
 def _linearize(args: argparse.Namespace) -> int:
-    from .. import linearize, load_teacher, save_model
+    from .. import linearize, load_model, load_teacher, save_model
+    from ..errors import ConfigError
 
+    keep_blocks = parse_keep(args.keep_blocks, "--keep-blocks")
+    count = args.keep_softmax
+    if count is not None and count != "auto":
+        try:
+            count = int(count)
+        except ValueError:
+            raise ConfigError(f"--keep-softmax expects a block count or 'auto' (got {count!r}); "
+                              "give block indices with --keep-blocks") from None
+    if count is not None and keep_blocks is not None:
+        raise ConfigError("give either --keep-softmax (count or auto) or --keep-blocks (indices), not both")
+    if (count == "auto") != (args.speed_budget is not None):
+        raise ConfigError("--keep-softmax auto and --speed-budget SPEEDUP@RES go together")
     teacher = load_teacher(args.teacher, allow_pickle=args.allow_pickle)
-    student = linearize(teacher, args.attention, keep_softmax=parse_keep(args.keep_softmax),
-                        **parse_options(args.option))
-    out = save_model(student, args.out)
+    if args.student:
+        student = load_model(args.student)
+    else:
+        student = linearize(teacher, args.attention, keep_softmax=keep_blocks, **parse_options(args.option))
+    extra = None
+    if count is not None or (args.student and keep_blocks is not None):
+        from .. import hybrid
+
+        info: dict = {"student": args.student}
+        if count is not None:
+            errors = hybrid.block_errors(student, teacher, img_size=args.img_size)
+            info["block_errors"] = errors
+            if count == "auto":
+                speed, res = hybrid.parse_budget(args.speed_budget)
+                plan = hybrid.budget_plan(student, teacher, errors, speed, res)
+                info["budget"] = plan
+                keep_blocks = plan["blocks"]
+                if not plan["met"]:
+                    print(f"warning: even the fully linear student measured {plan['measured_speedup']:.2f}x "
+                          f"< {speed}x at {res}px")
+            else:
+                keep_blocks = hybrid.choose_softmax_blocks(errors, count)
+        info["softmax_blocks"] = keep_blocks
+        student = hybrid.make_hybrid(student, keep_blocks)
+        extra = {"hybrid": info}
+        print("softmax blocks: " + (",".join(map(str, keep_blocks)) or "none"))
+    out = save_model(student, args.out, extra=extra)
     n = sum(p.numel() for p in student.parameters())
-    print(f"wrote {out} ({args.attention}, {n / 1e6:.2f}M parameters)")
+    kind = student.adala_config["attention"]["kind"]
+    print(f"wrote {out} ({kind}, {n / 1e6:.2f}M parameters)")
     return 0
 
 
@@ -66,7 +104,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")
     p.add_argument("--attention", default="linear-elu", help="attention kind")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="attention option (repeatable)")
-    p.add_argument("--keep-softmax", default=None, metavar="I,J", help="blocks that keep exact softmax")
+    p.add_argument("--student", default=None, metavar="DIR",
+                   help="start from this linearized student (e.g. a stage-1 output) instead of a fresh swap")
+    p.add_argument("--keep-softmax", default=None, metavar="K|auto",
+                   help="keep exact softmax in the K blocks with the largest attention error (held-out photos); "
+                        "auto: as many as --speed-budget allows")
+    p.add_argument("--speed-budget", default=None, metavar="SPEEDUP@RES",
+                   help="with --keep-softmax auto: minimum speed-up vs the teacher at RES px, e.g. 2.0@896")
+    p.add_argument("--keep-blocks", default=None, metavar="I,J", help="block indices that keep exact softmax")
+    p.add_argument("--img-size", type=int, default=None, help="image size for the block errors (default: teacher's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .pt/.pth/.bin teacher weights")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_linearize)
+
+
+def parse_ints(value: str, flag: str) -> list[int]:
+    """``224,448`` -> [224, 448]; a one-line error naming the flag otherwise."""
+    from ..errors import ConfigError
+
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated integers (got {value!r})") from None
+    if not out or any(v <= 0 for v in out):
+        raise ConfigError(f"{flag} expects positive integers (got {value!r})")
+    return out

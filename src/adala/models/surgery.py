@@ -73,7 +73,7 @@ def linearize_blocks(
         if isinstance(src, KernelAttention):
             if src.kind == kind:
                 continue
-            if src.kind != "softmax":
+            if src.kind != "softmax" and kind != "softmax":  # back to exact softmax: same qkv/proj
                 raise UnsupportedModelError(f"block {i} is already {src.kind}; linearize a softmax model")
         new = attention_registry.build(kind, src, **(options if kind != "softmax" else {}))
         new.num_prefix_tokens = num_prefix

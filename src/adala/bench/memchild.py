@@ -1,0 +1,67 @@
+"""Child process for CPU peak memory: build one model, run one forward, print peak RSS growth as JSON.
+
+A fresh process per case, so each peak starts from a clean allocator and nothing another case
+allocated is counted; a warm-up forward at a tiny size keeps library start-up out of the number.
+Reads the recipe (``{"source": {"teacher", "teacher_kwargs"} | {"model_dir"}, "attention",
+"options", "keep_softmax", "resolution", "batch_size", "dtype", "threads"}``) as JSON on stdin.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import sys
+
+import torch
+
+
+def build(recipe: dict) -> torch.nn.Module:
+    from .. import linearize, load_model, load_teacher
+
+    src = recipe["source"]
+    if "model_dir" in src:
+        model = load_model(src["model_dir"])
+    else:
+        model = load_teacher(src["teacher"], **src.get("teacher_kwargs", {}))
+    if recipe.get("attention"):
+        model = linearize(model, recipe["attention"], keep_softmax=recipe.get("keep_softmax"),
+                          **recipe.get("options", {}))
+    return model.eval()
+
+
+def main() -> int:
+    from ..models.surgery import backbone_of
+    from .measure import precision, proc_status_kb, reset_peak_rss
+
+    recipe = json.loads(sys.stdin.read())
+    if recipe.get("threads"):
+        torch.set_num_threads(int(recipe["threads"]))
+    vit = backbone_of(build(recipe))
+    s = int(recipe["resolution"])
+    x = torch.randn(int(recipe["batch_size"]), 3, s, s, generator=torch.Generator().manual_seed(0))
+    device = torch.device("cpu")
+    # one forward at a tiny size first: library initialisation (thread pools, BLAS/oneDNN code pages)
+    # would otherwise be counted as this model's memory, and it retains almost nothing of its own
+    p = vit.patch_embed.patch_size[0]
+    with torch.inference_mode(), precision(device, recipe.get("dtype", "fp32")):
+        vit.forward_features(torch.zeros(1, 3, 2 * p, 2 * p))
+    gc.collect()
+    before = proc_status_kb("VmRSS")
+    if before is not None and reset_peak_rss():
+        with torch.inference_mode(), precision(device, recipe.get("dtype", "fp32")):
+            vit.forward_features(x)
+        peak = proc_status_kb("VmHWM")
+        out = {"peak_bytes": max(0, peak - before) * 1024, "method": "VmHWM-VmRSS"}
+    else:  # no /proc: a lower bound, since ru_maxrss also holds the loading peak
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.inference_mode(), precision(device, recipe.get("dtype", "fp32")):
+            vit.forward_features(x)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = {"peak_bytes": max(0, after - before) * 1024, "method": "ru_maxrss growth (lower bound)"}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

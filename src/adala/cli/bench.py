@@ -1,0 +1,109 @@
+"""``adala bench``: teacher vs linear students, speed/memory/FLOPs per resolution (thin layer over
+``adala.bench.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .core import parse_keep, parse_options
+
+
+def _ints(value: str, what: str) -> list[int]:
+    from ..errors import ConfigError
+
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} expects comma-separated integers like 224,448 (got {value!r})") from None
+
+
+def format_table(record: dict) -> str:
+    """One line per resolution and student: img/s, speed-up, FLOP bound, fraction, memory."""
+    res = {(r["resolution"], r["model"]): r for r in record["results"]}
+    lines = [f"{'res':>5} {'tokens':>6} {'student':<14} {'teacher img/s':>13} {'student img/s':>13} "
+             f"{'speed-up':>8} {'bound':>6} {'of bound':>8} {'mem T/S MiB':>15}"]
+    for c in record["comparisons"]:
+        t, s = res[(c["resolution"], "teacher")], res[(c["resolution"], c["student"])]
+        bound = "-" if c["flop_bound"] is None else f"{c['flop_bound']:.2f}x"
+        frac = "-" if c["fraction_of_bound"] is None else f"{100 * c['fraction_of_bound']:.0f}%"
+        mem = ("-" if t["peak_memory_mb"] is None or s["peak_memory_mb"] is None
+               else f"{t['peak_memory_mb']:.0f}/{s['peak_memory_mb']:.0f}")
+        lines.append(f"{c['resolution']:>5} {c['tokens']:>6} {c['student']:<14} {t['images_per_s']:>13.2f} "
+                     f"{s['images_per_s']:>13.2f} {c['speedup']:>7.2f}x {bound:>6} {frac:>8} {mem:>15}")
+    for name, cross in record.get("crossover", {}).items():
+        where = f"≈{cross['resolution']:.0f}px" if cross.get("resolution") else cross.get("note", "")
+        lines.append(f"crossover {name}: {where}")
+    for stage in ("stage1", "stage2"):
+        for row in record.get("train_steps", {}).get(stage, []):
+            lines.append(f"train {stage} {row['model']}: {row['steps_per_s']:.2f} steps/s "
+                         f"({row['images_per_s']:.2f} img/s) at {record['train_steps']['resolution']}px")
+    return "\n".join(lines)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..bench import bench, plot_bench, write_json
+    from ..errors import ConfigError
+
+    if args.model and args.attention:
+        raise ConfigError("--attention builds students from --teacher; it cannot be combined with --model")
+    teacher_kwargs = parse_options(args.teacher_option)
+    if args.model:
+        from ..models.io import read_config
+
+        teacher = args.teacher or read_config(args.model[0]).get("teacher")
+        if not teacher:
+            raise ConfigError(f"{args.model[0]} records no teacher; pass --teacher")
+        students = {}
+        for path in args.model:
+            name = path.rstrip("/").split("/")[-1] or path
+            students[name if name not in students and name != "teacher" else path] = path
+    else:
+        teacher = args.teacher or "dinov2-s14"
+        students = args.attention or ["linear-elu"]
+    record = bench(
+        teacher, students, _ints(args.resolutions, "--resolutions"), args.batch_size, args.device, args.dtype,
+        args.repeats, args.warmup, teacher_kwargs=teacher_kwargs, options=parse_options(args.option),
+        keep_softmax=parse_keep(args.keep_softmax), memory=not args.no_memory, train_steps=args.train_steps,
+        train_resolution=args.train_resolution, train_repeats=args.train_repeats, threads=args.threads,
+        max_load=args.max_load, max_wait=args.max_wait,
+        progress=None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
+    )
+    write_json(record, args.out)
+    print(format_table(record))
+    print(f"wrote {args.out}")
+    if args.plot:
+        plot_bench(record, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed, memory and FLOPs: teacher (softmax) vs linear students")
+    src = p.add_argument_group("models")
+    src.add_argument("--teacher", default=None, help="teacher spec (default dinov2-s14, or the --model's teacher)")
+    src.add_argument("--teacher-option", action="append", metavar="KEY=VALUE",
+                     help="keyword for load_teacher, e.g. pretrained=false depth=2 (repeatable)")
+    src.add_argument("--model", action="append", metavar="DIR", help="a saved student to compare with its teacher")
+    src.add_argument("--attention", nargs="+", action="extend", metavar="KIND",
+                     help="attention kinds to build from the teacher (default linear-elu)")
+    src.add_argument("--option", action="append", metavar="KEY=VALUE", help="attention option (repeatable)")
+    src.add_argument("--keep-softmax", default=None, metavar="I,J", help="blocks that keep exact softmax")
+    p.add_argument("--resolutions", default="224,448,672,896,1344", help="comma-separated image sizes")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per model (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per model and resolution")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--max-load", type=float, default=None, metavar="CORES",
+                   help="before each resolution wait until other processes use fewer cores than this")
+    p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for --max-load, seconds")
+    p.add_argument("--train-steps", action="store_true", help="also time stage-1 and stage-2 optimiser steps")
+    p.add_argument("--train-resolution", type=int, default=None, help="resolution for --train-steps")
+    p.add_argument("--train-repeats", type=int, default=3)
+    p.add_argument("--out", required=True, help="JSON output path")
+    p.add_argument("--plot", default=None, help="PNG output path")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_bench)

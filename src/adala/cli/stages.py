@@ -1,0 +1,223 @@
+"""``adala align-attention``, ``align-features``, ``finetune``, ``evaluate`` and ``run`` (YAML recipes)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _train_kwargs(args: argparse.Namespace) -> dict:
+    """The TrainConfig options given on the command line (unset ones keep the engine's defaults)."""
+    out = {"seed": args.seed, "resume": args.resume, "progress": not args.quiet}
+    for name in ("warmup_steps", "weight_decay", "accum_steps", "amp", "device", "ckpt_every", "num_workers",
+                 "log_every", "grad_clip"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None)
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
+    g.add_argument("--grad-clip", dest="grad_clip", type=float, default=None)
+    g.add_argument("--accum-steps", dest="accum_steps", type=int, default=None)
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default=None)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    g.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=None, help="checkpoint every N steps")
+    g.add_argument("--num-workers", dest="num_workers", type=int, default=None)
+    g.add_argument("--log-every", dest="log_every", type=int, default=None)
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _data(specs: list[str] | None) -> str | list[str]:
+    if not specs:
+        return "photos"
+    return specs[0] if len(specs) == 1 else specs
+
+
+def _check_out(path: str, resume: bool) -> None:
+    """Refuse to train over a finished stage unless resuming: nothing gets overwritten by mistake."""
+    from ..errors import ConfigError
+
+    p = Path(path)
+    if not resume and (p / "adala.json").is_file() and (p / "metrics.json").is_file():
+        raise ConfigError(f"{p} already holds a finished stage; choose another --out")
+
+
+def _print_metrics(result, keys: tuple[str, ...] = ()) -> None:
+    m = result.metrics
+    shown = {k: m[k] for k in keys if k in m}
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
+    print(f"wrote {result.out_dir} ({result.metrics.get('steps', '?')} steps, "
+          f"{result.metrics.get('wall_time_s', 0):.1f}s) " + " ".join(parts))
+
+
+def _align_attention(args: argparse.Namespace) -> int:
+    from ..stages import align_attention
+
+    _check_out(args.out, args.resume)
+    r = align_attention(args.teacher, args.student, attention=args.attention, data=_data(args.data),
+                        img_size=args.img_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        train=args.train, out=args.out, **_train_kwargs(args))
+    blocks = sorted((k for k in r.metrics if k.startswith("loss/block_")), key=lambda k: int(k.split("_")[-1]))
+    _print_metrics(r, ("loss",))
+    if blocks:
+        print("per-block loss: " + " ".join(f"{r.metrics[k]:.3g}" for k in blocks))
+    return 0
+
+
+def _align_features(args: argparse.Namespace) -> int:
+    from ..stages import align_features
+
+    _check_out(args.out, args.resume)
+    r = align_features(args.teacher, args.student, data=_data(args.data), img_size=args.img_size, steps=args.steps,
+                       batch_size=args.batch_size, lr=args.lr, loss=args.loss, train=args.train, out=args.out,
+                       **_train_kwargs(args))
+    _print_metrics(r, ("loss", "mse", "cosine"))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from ..stages import finetune
+
+    _check_out(args.out, args.resume)
+    freeze = {"yes": True, "no": False, None: None}[args.freeze_backbone]
+    r = finetune(args.model, task=args.task, data=args.data, img_size=args.img_size, epochs=args.epochs,
+                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, head=args.head, freeze_backbone=freeze,
+                 length=args.length, eval_data=args.eval_data, eval_length=args.eval_length, out=args.out,
+                 **_train_kwargs(args))
+    _print_metrics(r, ("train/loss", "top1", "miou"))
+    return 0
+
+
+def _table(result: dict) -> None:
+    rows = [(k, result[k]) for k in ("top1", "mean_class_accuracy", "miou", "pixel_accuracy") if k in result]
+    per = result.get("per_class_accuracy") or result.get("per_class_iou") or {}
+    fid = result.get("fidelity")
+    if fid:
+        rows += [("final_cosine", fid["final_cosine"]), ("final_rel_err", fid["final_rel_err"]),
+                 ("attn_rel_err_mean", fid["attn_rel_err_mean"])]
+    width = max([len(k) for k, _ in rows] + [len(k) for k in per] + [8])
+    for k, v in rows:
+        print(f"{k:<{width}}  {v:.4f}")
+    if per:
+        label = "per-class accuracy" if "per_class_accuracy" in result else "per-class IoU"
+        print(f"{label}:")
+        for k, v in per.items():
+            print(f"  {k:<{width}}  {'-' if v is None else f'{v:.4f}'}")
+    if fid:
+        print("attention rel. error per block: " + " ".join(f"{v:.3f}" for v in fid["attn_rel_err"]))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate
+
+    result = evaluate(args.model, task=args.task, data=args.data, img_size=args.img_size, teacher=args.teacher,
+                      batch_size=args.batch_size, length=args.length, out=args.out, device=args.device or "auto")
+    _table(result)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..recipes import headline, load_recipe, run_recipe
+
+    recipe = load_recipe(args.config, args.set)
+    if args.check:
+        print(f"{args.config}: valid ({len(recipe.stages)} stages: "
+              + ", ".join(f"{s.name}={s.kind}" for s in recipe.stages) + ")")
+        return 0
+    summary = run_recipe(recipe, args.out, fresh=args.fresh)
+    print(f"\n{'stage':<14} {'kind':<16} {'status':<8} {'time':>8}  metrics")
+    for s in summary["stages"]:
+        print(f"{s['name']:<14} {s['kind']:<16} {s['status']:<8} {s['wall_time_s']:>7.1f}s  {headline(s['metrics'])}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("align-attention", help="stage 1: align each linear attention with its softmax teacher")
+    p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--attention", default="linear-elu", help="linearize the teacher with this kind")
+    src.add_argument("--student", default=None, help="a linearized model directory instead")
+    p.add_argument("--data", action="append", default=None,
+                   help="unlabeled image data spec (repeat to mix sources in equal parts; default photos)")
+    p.add_argument("--img-size", dest="img_size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train", choices=["attention", "attention+proj", "all"], default="attention")
+    p.add_argument("--out", required=True, help="output directory")
+    _add_train_args(p)
+    p.set_defaults(func=_align_attention)
+
+    p = sub.add_parser("align-features", help="stage 2: align the student's final tokens with the teacher's")
+    p.add_argument("--teacher", default="dinov2-s14")
+    p.add_argument("--student", required=True, help="model directory (stage-1 output or linearized)")
+    p.add_argument("--data", action="append", default=None,
+                   help="unlabeled image data spec (repeat to mix sources in equal parts; default photos)")
+    p.add_argument("--img-size", dest="img_size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--loss", choices=["mse", "cosine", "mse+cosine"], default="mse")
+    p.add_argument("--train", choices=["all", "attention", "attention+proj"], default="all")
+    p.add_argument("--out", required=True)
+    _add_train_args(p)
+    p.set_defaults(func=_align_features)
+
+    p = sub.add_parser("finetune", help="stage 3: classification / linear probe / segmentation head")
+    p.add_argument("--model", required=True, help="model directory or teacher spec")
+    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation"], default="classification")
+    p.add_argument("--data", required=True, help="labelled data spec (fashion-mnist, folder:PATH, ...)")
+    p.add_argument("--img-size", dest="img_size", type=int, default=224)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--head", default="linear", help="classification: linear|mlp; segmentation: linear|linear4")
+    p.add_argument("--freeze-backbone", dest="freeze_backbone", choices=["yes", "no"], default=None)
+    p.add_argument("--length", type=int, default=None, help="use the first N training items")
+    p.add_argument("--eval-data", dest="eval_data", default=None, help="score the result on this data")
+    p.add_argument("--eval-length", dest="eval_length", type=int, default=None)
+    p.add_argument("--out", required=True)
+    _add_train_args(p)
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("evaluate", help="top-1 / mIoU, and fidelity to a teacher")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation", "features"],
+                   required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--img-size", dest="img_size", type=int, default=224)
+    p.add_argument("--teacher", default=None, help="also measure fidelity to this teacher")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.add_argument("--length", type=int, default=None, help="score the first N items")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--out", default=None, help="write the scores to this JSON file")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("run", help="run the stages of a YAML recipe (see configs/)")
+    p.add_argument("config", help="recipe YAML")
+    p.add_argument("--out", required=False, default=None, help="output directory (one sub-directory per stage)")
+    p.add_argument("--fresh", action="store_true", help="re-run every stage, ignoring finished ones")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. stages.stage1.steps=2 (repeatable)")
+    p.add_argument("--check", action="store_true", help="only validate the recipe")
+    p.set_defaults(func=_run_checked)
+
+
+def _run_checked(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+
+    if not args.check and not args.out:
+        raise ConfigError("run needs --out DIR (or --check to only validate)")
+    return _run(args)
+
+

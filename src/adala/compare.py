@@ -1,0 +1,227 @@
+"""``compare``: one recipe, one budget, several attention kinds, one table.
+
+Each kind runs the same recipe (only the linearize stage's ``attention`` and the teacher are overridden)
+into ``OUT/<kind>/``; the final students are then benched together against the teacher in *one*
+interleaved bench run, so load from elsewhere hits every kind alike. ``OUT/compare.json`` holds the rows
+(and the full bench record), ``OUT/compare.md`` the table, ``OUT/compare.png`` quality vs speed-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .recipes import Recipe, load_recipe
+
+QUALITY_STAGES = ("align-features", "align-attention", "linearize")  # the final student: last of the first kind
+
+
+def _check_kinds(kinds: Sequence[str] | str) -> list[str]:
+    from . import attention
+
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+    kinds = list(kinds)
+    if not kinds:
+        raise ConfigError("--attention: give at least one attention kind")
+    known = attention.available()
+    for k in kinds:
+        if k not in known:
+            raise ConfigError(f"unknown attention kind {k!r} (known: {', '.join(known)})")
+    if len(set(kinds)) != len(kinds):
+        raise ConfigError(f"--attention lists a kind twice: {kinds}")
+    return kinds
+
+
+def _attention_override(recipe: Recipe) -> str:
+    """The recipe key that picks the attention kind: the linearize stage (or a self-linearizing stage 1)."""
+    for st in recipe.stages:
+        if st.kind == "linearize":
+            return f"stages.{st.name}.attention"
+    for st in recipe.stages:
+        if st.kind == "align-attention" and st.source is None:
+            return f"stages.{st.name}.attention"
+    raise ConfigError(f"recipe {recipe.source}: no linearize stage whose attention kind compare could set")
+
+
+def _final_student(recipe: Recipe) -> str:
+    for kind in QUALITY_STAGES:
+        names = [st.name for st in recipe.stages if st.kind == kind]
+        if names:
+            return names[-1]
+    raise ConfigError(f"recipe {recipe.source}: no stage produces a student to compare")
+
+
+def _quality(recipe: Recipe, summary: dict) -> dict[str, float | None]:
+    """Probe top-1, mIoU and final-token cosine of the student (stages run from the teacher are skipped)."""
+    metrics = {e["name"]: e.get("metrics") or {} for e in summary["stages"]}
+    got: dict[str, float | None] = {"probe_top1": None, "miou": None, "final_cosine": None}
+    for st in recipe.stages:
+        if st.source == "teacher":
+            continue
+        m = metrics.get(st.name, {})
+        task = st.options.get("task")
+        if st.kind == "finetune" and task in ("linear-probe", "classification") and "top1" in m:
+            if got["probe_top1"] is None or st.name == "probe":
+                got["probe_top1"] = float(m["top1"])
+        if st.kind == "finetune" and task == "segmentation" and "miou" in m:
+            got["miou"] = float(m["miou"])
+        if st.kind == "evaluate" and isinstance(m.get("fidelity"), dict):
+            got["final_cosine"] = float(m["fidelity"]["final_cosine"])
+    return got
+
+
+def _teacher_probe(recipe: Recipe, summary: dict) -> float | None:
+    """Top-1 of a linear probe run on the teacher itself (the recipe's reference), if there is one."""
+    metrics = {e["name"]: e.get("metrics") or {} for e in summary["stages"]}
+    for st in recipe.stages:
+        if st.source == "teacher" and st.kind == "finetune" and st.options.get("task") == "linear-probe":
+            if "top1" in metrics.get(st.name, {}):
+                return float(metrics[st.name]["top1"])
+    return None
+
+
+def param_counts(student, teacher) -> dict[str, int]:
+    """Total parameters; those beyond the teacher's (new kernel parameters); those stage 1 trains."""
+    from .models.surgery import attention_modules
+
+    t_keys = set(teacher.state_dict())
+    named = dict(student.named_parameters())
+    extra = sum(p.numel() for n, p in named.items() if n not in t_keys and n.removeprefix("backbone.") not in t_keys)
+    attn = sum(p.numel() for m in attention_modules(student) for p in m.parameters())
+    return {"params_total": sum(p.numel() for p in named.values()), "params_extra": extra,
+            "params_attention": attn}
+
+
+def compare(
+    teacher: str | None,
+    kinds: Sequence[str] | str,
+    recipe: str | os.PathLike,
+    out: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    resolutions: Sequence[int] = (224, 896),
+    *,
+    repeats: int = 3,
+    memory: bool = False,
+    fresh: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Run ``recipe`` once per attention kind, bench the final students together, write the table."""
+    from . import load_model, load_teacher
+    from .bench import bench
+    from .recipes import run_recipe
+
+    say = log or (lambda _m: None)
+    kinds = _check_kinds(kinds)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    base = [*overrides] + ([f"teacher={json.dumps(str(teacher))}"] if teacher else [])
+    parsed = load_recipe(recipe, base)  # validated once, before any kind runs
+    key = _attention_override(parsed)
+    final = _final_student(parsed)
+    runs = {}
+    for kind in kinds:
+        say(f"== {kind}: {recipe} -> {out / kind}")
+        sets = [*base, f"{key}={kind}"]
+        r = load_recipe(recipe, sets)
+        runs[kind] = (r, run_recipe(r, out / kind, fresh=fresh, log=log))
+    say(f"== bench {', '.join(kinds)} vs teacher at {', '.join(map(str, resolutions))}px")
+    t_model = load_teacher(parsed.teacher)
+    record = bench(t_model, {k: str(out / k / final) for k in kinds}, resolutions=list(resolutions),
+                   repeats=repeats, memory=memory, progress=say)
+    res_list = record["settings"]["resolutions"]
+    rows = []
+    for kind in kinds:
+        r, summary = runs[kind]
+        row: dict[str, Any] = {"kind": kind, "student": str(out / kind / final), **_quality(r, summary)}
+        for res in res_list:
+            s = next(x for x in record["results"] if x["model"] == kind and x["resolution"] == res)
+            c = next(x for x in record["comparisons"] if x["student"] == kind and x["resolution"] == res)
+            row[f"images_per_s@{res}"] = s["images_per_s"]
+            row[f"speedup@{res}"] = c["speedup"]
+        row.update(param_counts(load_model(out / kind / final), t_model))
+        rows.append(row)
+    t_row = {"kind": "teacher", **{f"images_per_s@{x['resolution']}": x["images_per_s"]
+                                   for x in record["results"] if x["model"] == "teacher"},
+             **{f"speedup@{r}": 1.0 for r in res_list}, "params_total": sum(p.numel() for p in t_model.parameters()),
+             "probe_top1": _teacher_probe(parsed, runs[kinds[0]][1])}
+    result = {"format": "adala-compare/1", "teacher": parsed.teacher, "recipe": str(recipe),
+              "overrides": list(overrides), "final_stage": final, "kinds": kinds, "resolutions": res_list,
+              "columns": columns(res_list), "rows": rows, "teacher_row": t_row, "bench": record}
+    out.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(plot_compare(result, out / "compare.png"))
+    from .models.weights import atomic_write_text
+
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "compare.md", to_markdown(result))
+    say(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    return result
+
+
+def columns(resolutions: Sequence[int]) -> list[str]:
+    per_res = [c for r in resolutions for c in (f"images_per_s@{r}", f"speedup@{r}")]
+    return ["kind", "probe_top1", "miou", "final_cosine", *per_res, "params_extra", "params_attention",
+            "params_total"]
+
+
+def _fmt(col: str, v: Any) -> str:
+    if v is None:
+        return "—"
+    if col.startswith("params"):
+        return f"{v:,}"
+    if col.startswith("speedup"):
+        return f"{v:.2f}x"
+    if isinstance(v, float):
+        return f"{v:.4f}" if col in ("probe_top1", "miou", "final_cosine") else f"{v:.2f}"
+    return str(v)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    cols = result["columns"]
+    lines = [f"# adala compare: {', '.join(result['kinds'])}", "",
+             f"teacher `{result['teacher']}`, recipe `{result['recipe']}`, student = stage "
+             f"`{result['final_stage']}`; speed-up = teacher latency / student latency (one interleaved bench run,"
+             f" median of {result['bench']['settings']['repeats']}).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in [*result["rows"], result["teacher_row"]]:
+        lines.append("| " + " | ".join(_fmt(c, row.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Quality (probe top-1 when every kind has it, else final-token cosine) vs speed-up at the largest size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .models.weights import atomic_write
+
+    res = max(result["resolutions"])
+    rows = result["rows"]
+    ykey = "probe_top1" if all(r.get("probe_top1") is not None for r in rows) else "final_cosine"
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for i, r in enumerate(rows):
+        x, y = r[f"speedup@{res}"], r.get(ykey)
+        if y is None:
+            continue
+        ax.scatter([x], [y], s=60, color=f"C{i % 10}", label=r["kind"])
+        ax.annotate(r["kind"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(xlabel=f"speed-up over teacher at {res}px", title="quality vs speed",
+           ylabel="linear-probe top-1" if ykey == "probe_top1" else "final-token cosine to teacher")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    return out

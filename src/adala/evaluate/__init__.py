@@ -1,0 +1,109 @@
+"""``evaluate``: task scores (top-1 / mIoU) and, given a teacher, fidelity to it, written as JSON.
+
+Evaluation uses the un-augmented (eval) transform and, under torchrun, each rank scores every
+world_size-th image; confusion matrices and fidelity sums are reduced over ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.surgery import attention_modules
+from .fidelity import FidelityMeter, fidelity
+from .metrics import ConfusionMatrix, classification_scores, segmentation_scores
+
+TASKS = ("classification", "linear-probe", "segmentation", "features")
+__all__ = ["TASKS", "ConfusionMatrix", "FidelityMeter", "evaluate", "fidelity"]
+
+
+def _task_head(model: nn.Module, task: str) -> dict:
+    want = "segmentation" if task == "segmentation" else "classification"
+    head = (getattr(model, "adala_config", None) or {}).get("task") or {}
+    if head.get("type") != want:
+        have = f"a {head['type']} head" if head.get("type") else "no task head"
+        raise ConfigError(f"task {task!r} needs a model with a {want} head, this one has {have} "
+                          "(fine-tune it first: adala finetune)")
+    return head
+
+
+def _output_path(out: str | os.PathLike) -> Path:
+    p = Path(out)
+    return p if p.suffix == ".json" else p / "eval.json"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module | str | os.PathLike,
+    *,
+    task: str,
+    data: str,
+    img_size: int = 224,
+    teacher: nn.Module | str | None = None,
+    batch_size: int = 32,
+    length: int | None = None,
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Scores of ``model`` on ``data`` for ``task`` (``features``: unlabeled data, fidelity only).
+
+    ``out``: a ``.json`` file, or a directory that receives ``eval.json``.
+    """
+    from ..stages.common import (
+        as_model,
+        as_teacher,
+        check_img_size,
+        check_pair,
+        check_positive,
+        dataset,
+        eval_batches,
+        pick_device,
+        write_json,
+    )
+    from ..train.distributed import is_main
+
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_positive(batch_size, "batch_size")
+    model = as_model(model)
+    check_img_size(model, img_size)
+    head = None if task == "features" else _task_head(model, task)
+    t_model = None
+    if teacher is not None:
+        t_model = as_teacher(teacher)
+        check_pair(t_model, model)
+    elif task == "features":
+        raise ConfigError("task 'features' measures fidelity and needs a teacher")
+    data_task = {"features": "unlabeled", "segmentation": "segmentation"}.get(task, "classification")
+    ds = dataset(model, data, task=data_task, img_size=img_size, train=False, length=length)
+
+    dev = pick_device(device)
+    was_training = model.training
+    model.eval().to(dev)
+    if t_model is not None:
+        t_model.to(dev)
+    cm = ConfusionMatrix(head["num_classes"]) if head else None
+    meter = FidelityMeter(len(attention_modules(model))) if t_model is not None else None
+    for batch in eval_batches(ds, batch_size):
+        x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(dev)
+        if cm is not None:
+            cm.update(model(x).argmax(1), batch[1])
+        if meter is not None:
+            meter.update(model, t_model, x)
+    result: dict[str, Any] = {"task": task, "data": data, "img_size": img_size}
+    if cm is not None:
+        cm.all_reduce()
+        names = head.get("class_names")
+        result.update(segmentation_scores(cm, names) if task == "segmentation" else classification_scores(cm, names))
+    if meter is not None:
+        meter.all_reduce()
+        result["fidelity"] = meter.result()
+    model.train(was_training)
+    if out is not None and is_main():
+        write_json(_output_path(out), result)
+    return result

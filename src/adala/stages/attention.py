@@ -1,0 +1,148 @@
+"""Stage 1, attention alignment: every linear block learns to reproduce its softmax teacher block.
+
+Teacher forcing: one no-grad teacher pass per batch records each block's attention input and output;
+each student attention module gets the *teacher's* input and is trained with MSE to the teacher's output.
+Blocks are then independent regressions solved together from that single pass, and the student's own
+forward is never run, so errors cannot compound across depth while the attention learns.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.surgery import attention_modules, backbone_of
+from .common import (
+    StageResult,
+    TeacherRecorder,
+    as_model,
+    as_teacher,
+    check_img_size,
+    check_out,
+    check_pair,
+    dataset,
+    finish,
+    out_dir,
+    train_config,
+    trainable_copy,
+)
+
+TRAIN_CHOICES = ("attention", "attention+proj", "all")
+
+
+def _is_linear(attn: nn.Module) -> bool:
+    return getattr(attn, "kind", "softmax") != "softmax"
+
+
+def trainable_attention_params(student: nn.Module, train: str) -> list[str]:
+    """Freeze the student except what ``train`` names, in the blocks whose attention was swapped.
+
+    ``attention``: q/k/v projections and the kind's own parameters (everything in ``attn`` but ``proj``);
+    ``attention+proj``: the whole attention module; ``all``: attention module and the block's ``norm1``
+    (then fed the teacher's block input), i.e. every parameter stage 1's loss can reach.
+    Returns the names of the trainable parameters.
+    """
+    if train not in TRAIN_CHOICES:
+        raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {train!r}")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    vit = backbone_of(student)
+    names = []
+    for i, (block, attn) in enumerate(zip(vit.blocks, attention_modules(vit))):
+        if not _is_linear(attn):
+            continue
+        for name, p in attn.named_parameters():
+            if train == "attention" and (name.startswith("proj.") or name.startswith("proj_drop.")):
+                continue
+            p.requires_grad_(True)
+            names.append(f"blocks.{i}.attn.{name}")
+        if train == "all":
+            for name, p in block.norm1.named_parameters():
+                p.requires_grad_(True)
+                names.append(f"blocks.{i}.norm1.{name}")
+    if not names:
+        raise ConfigError("stage 1 has nothing to train: the student has no linear attention blocks")
+    return names
+
+
+class AttentionAlignment(nn.Module):
+    """Objective: ``forward(images) -> (mean per-block MSE, {"loss/block_i": ...})`` from one teacher pass."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, train: str = "attention") -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.feed_block_input = train == "all"
+        self.blocks = [i for i, a in enumerate(attention_modules(student)) if _is_linear(a)]
+        self.recorder = TeacherRecorder(teacher, block_inputs=self.feed_block_input)
+
+    def train(self, mode: bool = True) -> AttentionAlignment:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never leaves eval (no dropout, no drop-path)
+        return self
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self.recorder.clear()
+        with torch.no_grad():
+            backbone_of(self.teacher).forward_features(x)
+        vit = backbone_of(self.student)
+        losses, metrics = [], {}
+        for i in self.blocks:
+            block = vit.blocks[i]
+            inp = block.norm1(self.recorder.block_in[i]) if self.feed_block_input else self.recorder.attn_in[i]
+            target = self.recorder.attn_out[i].float()
+            out = block.attn(inp).float()
+            loss_i = F.mse_loss(out, target)
+            losses.append(loss_i)
+            metrics[f"loss/block_{i}"] = loss_i.detach()
+            with torch.no_grad():
+                metrics[f"rel_err/block_{i}"] = (out - target).norm() / target.norm().clamp_min(1e-12)
+        self.recorder.clear()
+        return torch.stack(losses).mean(), metrics
+
+
+def align_attention(
+    teacher: nn.Module | str,
+    student: nn.Module | str | os.PathLike | None = None,
+    *,
+    attention: str = "linear-elu",
+    data: str | list[str] = "photos",
+    img_size: int = 224,
+    steps: int = 300,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    train: str = "attention",
+    out: str | os.PathLike | None = None,
+    length: int | None = None,
+    **train_kwargs: Any,
+) -> StageResult:
+    """Stage 1. ``student`` defaults to ``adala.linearize(teacher, attention)``; unlabeled ``data``.
+
+    Returns the aligned student (saved to ``out`` with ``metrics.json``; the engine's ``log.jsonl`` beside it).
+    """
+    from ..models import linearize
+    from ..train.loop import train as run_training
+
+    teacher = as_teacher(teacher)
+    student = linearize(teacher, attention) if student is None else trainable_copy(as_model(student, "student"))
+    check_pair(teacher, student)
+    check_img_size(teacher, img_size)
+    cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
+    trainable_attention_params(student, train)
+    ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
+    out = out_dir(out, "align-attention")
+    check_out(out, cfg.resume)
+    objective = AttentionAlignment(teacher, student, train=train)
+    try:
+        result = run_training(objective, ds, cfg, out, stage="align-attention")
+    finally:
+        objective.recorder.remove()
+    metrics = {"stage": "align-attention", "steps": result.steps, "wall_time_s": result.wall_time_s,
+               "img_size": img_size, "train": train, **result.final}
+    return finish(student, out, metrics, result.history)

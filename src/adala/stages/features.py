@@ -1,0 +1,115 @@
+"""Stage 2, feature alignment: the whole student learns to reproduce the frozen teacher's final tokens.
+
+After stage 1 each block mimics its teacher block given the *teacher's* input; in the student's own
+forward the small per-block errors compound. Stage 2 trains all parameters end to end on the
+``forward_features`` output (every token, prefix tokens included) to remove that drift.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.surgery import backbone_of
+from .common import (
+    StageResult,
+    as_model,
+    as_teacher,
+    check_img_size,
+    check_out,
+    check_pair,
+    dataset,
+    finish,
+    out_dir,
+    train_config,
+    trainable_copy,
+)
+
+LOSSES = ("mse", "cosine", "mse+cosine")
+TRAIN_CHOICES = ("all", "attention", "attention+proj")
+
+
+def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, loss: str
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    s, t = student_tokens.float(), teacher_tokens.float()
+    mse = F.mse_loss(s, t)
+    cos = F.cosine_similarity(s, t, dim=-1).mean()
+    value = {"mse": mse, "cosine": 1.0 - cos, "mse+cosine": mse + (1.0 - cos)}[loss]
+    return value, {"mse": mse.detach(), "cosine": cos.detach()}
+
+
+class FeatureAlignment(nn.Module):
+    """Objective: ``forward(images) -> (loss(student tokens, teacher tokens), {"mse", "cosine"})``."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, loss: str = "mse") -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        self.teacher = teacher
+        self.student = student
+        self.loss = loss
+
+    def train(self, mode: bool = True) -> FeatureAlignment:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with torch.no_grad():
+            target = backbone_of(self.teacher).forward_features(x)
+        pred = backbone_of(self.student).forward_features(x)
+        return feature_loss(pred, target, self.loss)
+
+
+def _select_trainable(student: nn.Module, train: str) -> None:
+    if train not in TRAIN_CHOICES:
+        raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {train!r}")
+    if train == "all":
+        for p in student.parameters():
+            p.requires_grad_(True)
+        return
+    from .attention import trainable_attention_params
+
+    trainable_attention_params(student, train)
+
+
+def align_features(
+    teacher: nn.Module | str,
+    student: nn.Module | str | os.PathLike,
+    *,
+    data: str | list[str] = "photos",
+    img_size: int = 224,
+    steps: int = 300,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    loss: str = "mse",
+    train: str = "all",
+    out: str | os.PathLike | None = None,
+    length: int | None = None,
+    **train_kwargs: Any,
+) -> StageResult:
+    """Stage 2. ``student`` may be a stage-1 output or straight from ``linearize`` (the stage-2-only ablation)."""
+    from ..train.loop import train as run_training
+
+    if loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    teacher = as_teacher(teacher)
+    student = trainable_copy(as_model(student, "student"))
+    check_pair(teacher, student)
+    check_img_size(teacher, img_size)
+    cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
+    _select_trainable(student, train)
+    ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
+    out = out_dir(out, "align-features")
+    check_out(out, cfg.resume)
+    objective = FeatureAlignment(teacher, student, loss)
+    result = run_training(objective, ds, cfg, out, stage="align-features")
+    metrics = {"stage": "align-features", "steps": result.steps, "wall_time_s": result.wall_time_s,
+               "img_size": img_size, "loss_kind": loss, **result.final}
+    return finish(student, out, metrics, result.history)

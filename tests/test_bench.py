@@ -1,0 +1,130 @@
+"""``adala bench`` on a tiny random ViT: record shape, FLOP counter vs a hand count, CLI (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import adala
+from adala.bench import bench, crossover, model_flops
+from adala.bench.flops import block_flops
+from adala.cli import main
+from adala.errors import ConfigError
+
+TINY = {"pretrained": False, "img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
+TINY_ARGS = [f"--teacher-option={k}={str(v).lower()}" for k, v in TINY.items()]
+SPEC = "timm:vit_small_patch14_dinov2"
+
+
+def _tiny():
+    return adala.load_teacher(SPEC, **TINY)
+
+
+def test_flops_match_a_hand_count_for_one_block():
+    teacher = _tiny()
+    student = adala.linearize(teacher, "linear-elu")
+    n, c, h, d, hidden = 17, 64, 2, 32, 256  # 56px / 14 = 4x4 patches + cls
+    linears = {"qkv": 2 * n * c * 3 * c, "proj": 2 * n * c * c, "mlp": 2 * n * c * hidden * 2}
+    soft = block_flops(teacher.blocks[0], n)
+    assert soft == {**linears, "attention": 2 * 2 * n * n * d * h}
+    lin = block_flops(student.blocks[0], n)
+    # φ (ELU, +1) on q and k; KᵀV; Q(KᵀV); normaliser Σφk (N·D), φq·Σφk (2·N·D), division (N·D)
+    assert lin == {**linears, "attention": (2 * 2 * n * d + 2 * n * d * d * 2 + 4 * n * d) * h}
+    embed = 2 * 16 * (3 * 14 * 14) * c
+    f = model_flops(teacher, 56, batch_size=3)
+    assert f["tokens"] == n and f["patch_embed"] == 3 * embed
+    assert f["total"] == 3 * (embed + 2 * sum(soft.values()))
+    assert model_flops(student, 112)["tokens"] == 65
+
+
+def test_crossover_interpolates_and_reports_edges():
+    comps = [{"resolution": 224, "speedup": 0.8}, {"resolution": 448, "speedup": 1.2}]
+    assert crossover(comps)["resolution"] == pytest.approx(336)
+    assert crossover([{"resolution": 224, "speedup": 1.1}])["resolution"] is None
+    assert "teacher faster" in crossover([{"resolution": 224, "speedup": 0.9}])["note"]
+
+
+def test_bench_api_record_has_every_field():
+    record = bench(SPEC, ["linear-elu"], resolutions=[112, 56], repeats=2, warmup=1, teacher_kwargs=TINY,
+                   memory=False, train_steps=True, train_repeats=1)
+    assert record["format"] == "adala-bench/1"
+    s = record["settings"]
+    assert s["resolutions"] == [56, 112] and "multiply-add = 2 FLOPs" in s["flop_convention"]
+    assert [m["name"] for m in record["models"]] == ["teacher", "linear-elu"]
+    assert record["models"][1]["block_kinds"] == ["linear-elu", "linear-elu"]
+    assert len(record["results"]) == 4
+    for row in record["results"]:
+        for key in ("images_per_s", "latency_ms", "latency_ms_all", "flops", "gflops", "achieved_gflops_per_s",
+                    "flops_breakdown", "tokens"):
+            assert row[key] is not None, key
+        assert len(row["latency_ms_all"]) == 2
+        assert row["peak_memory_mb"] is None and row["memory_method"] is None
+    assert len(record["comparisons"]) == 2
+    for c in record["comparisons"]:
+        assert c["speedup"] > 0 and c["flop_bound"] > 0
+        assert c["fraction_of_bound"] == pytest.approx(c["speedup"] / c["flop_bound"])
+    assert "linear-elu" in record["crossover"]
+    ts = record["train_steps"]
+    assert ts["resolution"] == 56
+    for stage in ("stage1", "stage2"):
+        (row,) = ts[stage]
+        assert row["model"] == "linear-elu" and row["steps_per_s"] > 0 and row["trainable_params"] > 0
+    # stage 1 trains attention only, stage 2 everything
+    assert ts["stage1"][0]["trainable_params"] < ts["stage2"][0]["trainable_params"]
+    json.dumps(record)  # JSON-serialisable as is
+
+
+@pytest.mark.slow
+def test_bench_cpu_memory_in_fresh_subprocesses():
+    """One subprocess per case (imports torch + timm: ~5-20 s each on a busy 2-core machine)."""
+    teacher = _tiny()
+    record = bench(SPEC, {"saved": adala.linearize(teacher, "linear-elu")}, resolutions=[112], repeats=1,
+                   warmup=0, teacher_kwargs=TINY, memory=True, threads=1)
+    assert "subprocess" in record["settings"]["memory_method"]
+    for row in record["results"]:  # the teacher goes by its spec, the module via a temporary save
+        assert row["memory_error"] is None and row["peak_memory_mb"] > 0
+        assert "subprocess" in row["memory_method"]
+    assert record["comparisons"][0]["memory_ratio"] > 0
+
+
+def test_bench_leaves_given_modules_alone():
+    teacher = _tiny()
+    student = adala.linearize(teacher, "linear-relu")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    record = bench(teacher, {"mine": student}, resolutions=[56], repeats=1, warmup=0, memory=False,
+                   train_steps=True, train_repeats=1)
+    assert record["comparisons"][0]["student"] == "mine"
+    assert all(p.requires_grad is False for p in student.parameters())
+    assert all((before[k] == v).all() for k, v in student.state_dict().items())
+    assert not any(a._forward_hooks for a in adala.models.surgery.attention_modules(teacher))
+
+
+def test_bench_rejects_bad_resolution():
+    with pytest.raises(ConfigError, match="multiple of the patch size"):
+        bench(SPEC, ["linear-elu"], resolutions=[50], teacher_kwargs=TINY, memory=False)
+
+
+def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "--teacher", SPEC, *TINY_ARGS, "--attention", "linear-elu", "linear-relu",
+               "--resolutions", "56", "--repeats", "1", "--no-memory", "--quiet", "--out", str(out),
+               "--plot", str(png)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert {c["student"] for c in record["comparisons"]} == {"linear-elu", "linear-relu"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_cli_bench_model_dir_and_errors(tmp_path, capsys):
+    model_dir = tmp_path / "student"
+    adala.save_model(adala.linearize(_tiny(), "linear-elu"), model_dir)
+    out = tmp_path / "m.json"
+    rc = main(["bench", "--model", str(model_dir), "--teacher", SPEC, *TINY_ARGS, "--resolutions", "56",
+               "--repeats", "1", "--no-memory", "--quiet", "--out", str(out)])
+    assert rc == 0
+    assert json.loads(out.read_text())["comparisons"][0]["student"] == "student"
+    rc = main(["bench", "--model", str(model_dir), "--attention", "linear-elu", "--out", str(out)])
+    assert rc == 2
+    assert "cannot be combined" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""YAML recipes: strict validation naming the key, end-to-end runs, reuse of finished stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import adala
+from adala.cli import main
+from adala.errors import ConfigError
+from adala.recipes import apply_overrides, load_recipe, parse_recipe, run_recipe
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "teacher"
+    t = adala.load_teacher("timm:vit_small_patch14_dinov2", pretrained=False, img_size=56, depth=2,
+                           embed_dim=64, num_heads=2)
+    adala.save_model(t, d)
+    return str(d)
+
+
+def _recipe(teacher: str) -> dict:
+    fast = {"progress": False, "log_every": 1}
+    return {
+        "teacher": teacher,
+        "img_size": 56,
+        "seed": 0,
+        "defaults": fast,
+        "stages": {
+            "student": {"kind": "linearize", "attention": "linear-elu"},
+            "stage1": {"kind": "align-attention", "from": "student", "data": "photos", "steps": 2,
+                       "batch_size": 2, "lr": 1.0e-3},
+            "stage2": {"kind": "align-features", "from": "stage1", "data": "photos", "steps": 2, "batch_size": 2},
+            "probe": {"kind": "finetune", "from": "stage2", "task": "linear-probe", "data": "fashion-mnist",
+                      "length": 16, "epochs": 2, "batch_size": 8, "eval_data": "fashion-mnist:test",
+                      "eval_length": 8},
+            "eval": {"kind": "evaluate", "from": "stage2", "task": "features", "data": "photos:heldout",
+                     "length": 4, "teacher": True},
+        },
+    }
+
+
+@pytest.mark.parametrize("edit,key", [
+    (lambda r: r.update(teachr="x"), "teachr"),
+    (lambda r: r["stages"]["stage1"].update(steps=-3), "stages.stage1.steps"),
+    (lambda r: r["stages"]["stage1"].update(stepz=3), "stages.stage1.stepz"),
+    (lambda r: r["stages"]["stage2"].update(lr="fast"), "stages.stage2.lr"),
+    (lambda r: r["stages"]["stage2"].update(loss="l1"), "stages.stage2.loss"),
+    (lambda r: r["stages"]["probe"].update(task="detection"), "stages.probe.task"),
+    (lambda r: r["stages"]["probe"].update({"from": "nowhere"}), "stages.probe.from"),
+    (lambda r: r["stages"]["probe"].update({"from": "eval"}), "stages.probe.from"),
+    (lambda r: r["stages"]["stage1"].update(kind="distill"), "stages.stage1.kind"),
+    (lambda r: r["stages"]["stage1"].update(img_size=50), "stages.stage1.img_size"),
+    (lambda r: r.update(img_size=100), "img_size"),
+    (lambda r: r.update(defaults={"amp": "fp8"}), "defaults.amp"),
+    (lambda r: r["stages"]["eval"].pop("data"), "stages.eval.data"),
+    (lambda r: r.update(stages={}), "stages"),
+])
+def test_validation_errors_name_the_key(edit, key):
+    raw = _recipe("dinov2-s14")
+    edit(raw)
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(raw)
+    assert str(e.value).startswith(key + ":") or f" {key}" in str(e.value), str(e.value)
+
+
+def test_defaults_and_img_size_are_resolved():
+    r = parse_recipe(_recipe("dinov2-s14"))
+    s1 = next(s for s in r.stages if s.name == "stage1")
+    assert s1.options["img_size"] == 56 and s1.options["seed"] == 0 and s1.options["progress"] is False
+    assert "progress" not in next(s for s in r.stages if s.name == "student").options
+
+
+def test_overrides():
+    raw = apply_overrides(_recipe("dinov2-s14"), ["stages.stage1.steps=7", "teacher=timm:vit_x", "img_size=28"])
+    assert raw["stages"]["stage1"]["steps"] == 7 and raw["teacher"] == "timm:vit_x" and raw["img_size"] == 28
+    with pytest.raises(ConfigError, match="stages.nope"):
+        apply_overrides(_recipe("x"), ["stages.nope.steps=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(_recipe("x"), ["steps"])
+
+
+def test_tiny_recipe_runs_end_to_end_and_reuses_finished_stages(tmp_path, tiny_dir):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(tiny_dir), sort_keys=False))
+    out = tmp_path / "run"
+    summary = run_recipe(cfg, out, log=None)
+    names = [s["name"] for s in summary["stages"]]
+    assert names == ["student", "stage1", "stage2", "probe", "eval"]
+    assert [s["kind"] for s in summary["stages"]] == [
+        "linearize", "align-attention", "align-features", "finetune", "evaluate"]
+    saved = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in saved["stages"]] == ["ran"] * 5
+    assert saved["stages"][3]["metrics"]["top1"] >= 0.0
+    assert 0.0 < saved["stages"][4]["metrics"]["fidelity"]["final_cosine"] <= 1.0
+    for name in ("student", "stage1", "stage2", "probe"):
+        assert (out / name / "adala.json").is_file() and (out / name / "metrics.json").is_file()
+    assert adala.load_model(out / "probe").adala_config["task"]["type"] == "classification"
+    stamp = (out / "stage2" / "model.safetensors").stat().st_mtime_ns
+
+    again = run_recipe(cfg, out, log=None)
+    assert [s["status"] for s in again["stages"]] == ["skipped"] * 5
+    assert (out / "stage2" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    changed = run_recipe(load_recipe(cfg, ["stages.stage2.steps=3"]), out, log=None)
+    assert [s["status"] for s in changed["stages"]] == ["skipped", "skipped", "ran", "ran", "ran"]
+    assert changed["stages"][2]["metrics"]["steps"] == 3
+
+    fresh = run_recipe(cfg, out, log=None, fresh=True)
+    assert [s["status"] for s in fresh["stages"]] == ["ran"] * 5
+
+
+def test_cli_run_errors_are_one_line(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"teacher": "dinov2-s14", "stages": {"s": {"kind": "linearize", "oops": 1}}}))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stages.s.oops" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["run", str(CONFIGS / "demo.yaml"), "--check"]) == 0
+
+
+def test_paper_config_validates():
+    r = load_recipe(CONFIGS / "paper-dinov2-l.yaml")
+    assert r.teacher == "timm:vit_large_patch14_dinov2.lvd142m"
+    assert r.img_size % 14 == 0
+    kinds = [s.kind for s in r.stages]
+    assert kinds[:3] == ["linearize", "align-attention", "align-features"] and "finetune" in kinds
+    s1 = next(s for s in r.stages if s.kind == "align-attention")
+    assert s1.options["amp"] == "bf16" and s1.options["data"].startswith("folder:")
+
+
+def test_paper_config_starts_on_stand_ins(tmp_path, tiny_dir):
+    r = load_recipe(CONFIGS / "paper-dinov2-l.yaml")
+    sets = [f"teacher={tiny_dir}", "img_size=56", "defaults.amp=fp32", "defaults.progress=false",
+            "defaults.batch_size=2", "defaults.num_workers=0"]
+    for s in r.stages:
+        opts = s.options
+        if "steps" in opts:
+            sets.append(f"stages.{s.name}.steps=1")
+        if "epochs" in opts:
+            sets.append(f"stages.{s.name}.epochs=1")
+        if "data" in opts:
+            task = opts.get("task", "unlabeled")
+            stand_in = {"segmentation": "fashion-mnist-seg", "classification": "fashion-mnist",
+                        "linear-probe": "fashion-mnist"}.get(task, "photos")
+            sets.append(f"stages.{s.name}.data={stand_in}")
+            if s.kind in ("finetune", "evaluate"):
+                sets.append(f"stages.{s.name}.length=8")
+        if "eval_data" in opts:
+            sets += [f"stages.{s.name}.eval_data={stand_in}:test", f"stages.{s.name}.eval_length=4"]
+    assert main(["run", str(CONFIGS / "paper-dinov2-l.yaml"), "--out", str(tmp_path / "p"), *sum(
+        (["--set", s] for s in sets), [])]) == 0
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == [s.name for s in r.stages]
