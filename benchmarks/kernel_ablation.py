@@ -13,6 +13,7 @@ Variants (cumulative), all numerically equal to float tolerance:
 
 Timed interleaved with the teacher (softmax via SDPA), median of repeats. Usage:
   python benchmarks/kernel_ablation.py --resolutions 224,672,1344 --repeats 5 [--threads 2] [--out DIR]
+  python benchmarks/kernel_ablation.py --threads 1 --clock cpu   # on a busy machine
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import torch
 import adala
 from adala.attention.base import KernelAttention
 from adala.attention.kernels import elu_plus_one, fused_linear_attention, linear_attention
-from adala.bench.flops import model_flops
+from adala.bench.flops import block_flops, model_flops
 from adala.bench.measure import interleaved
 
 VARIANTS = ("naive", "ksum", "layout65", "layout", "inplace", "fused")
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--level", choices=["model", "attention"], default="model",
+                    help="attention = time block 0's attention module alone on its real input (ms per layer)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu = process CPU time (use with --threads 1 on a busy machine)")
     ap.add_argument("--out", default=None, help="directory for ablation.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,22 +135,43 @@ def main(argv: list[str] | None = None) -> int:
     for res in [int(r) for r in args.resolutions.split(",")]:
         x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(0))
 
-        def call(m, x=x):
-            def fn():
-                with torch.inference_mode():
-                    m.forward_features(x)
+        x_attn = None
+        if args.level == "attention":
+            with torch.inference_mode():  # block 0's real attention input at this resolution
+                h = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(x)))
+                x_attn = teacher.blocks[0].norm1(h)
+
+        def call(m, x=x, x_attn=x_attn):
+            if args.level == "attention":
+                attn = m.blocks[0].attn
+
+                def fn():
+                    with torch.inference_mode():
+                        attn(x_attn)
+            else:
+                def fn():
+                    with torch.inference_mode():
+                        m.forward_features(x)
             return fn
 
         fns = [call(teacher)] + [call(m) for m in models.values()]
-        times = interleaved(fns, torch.device("cpu"), args.repeats, warmup=1)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = interleaved(fns, torch.device("cpu"), args.repeats, warmup=1, clock=clock)
         t_med = statistics.median(times[0])
-        bound = model_flops(teacher, res)["total"] / model_flops(student, res)["total"]
+        if args.level == "attention":
+            n = x_attn.shape[1]
+            tb, sb = (block_flops(m.blocks[0], n) for m in (teacher, student))
+            bound = (tb["qkv"] + tb["attention"] + tb["proj"]) / (sb["qkv"] + sb["attention"] + sb["proj"])
+        else:
+            bound = model_flops(teacher, res)["total"] / model_flops(student, res)["total"]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         line = f"{res:>5}px teacher {t_med * 1e3:8.1f} ms | bound {bound:.2f}x"
-        row = {"resolution": res, "teacher_ms": t_med * 1e3, "flop_bound": bound, "load_average": load}
+        row = {"resolution": res, "teacher_ms": t_med * 1e3, "flop_bound": bound, "load_average": load,
+               "clock": args.clock, "threads": args.threads}
         for n, t in zip(models, times[1:]):
             med = statistics.median(t)
             row[n] = {"ms": med * 1e3, "speedup": t_med / med, "fraction_of_bound": t_med / med / bound}
+            row[n]["min_ms"] = min(t) * 1e3
             line += f" | {n} {med * 1e3:8.1f} ms {t_med / med:.2f}x ({100 * t_med / med / bound:.0f}%)"
         print(line + (f" | load {load:.1f}" if load is not None else ""), flush=True)
         rows.append(row)

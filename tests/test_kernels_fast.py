@@ -243,3 +243,18 @@ def test_workspace_reuse_across_calls_modes_and_threads():
         th.join()
     assert not errors
     clear_workspace()
+
+
+@pytest.mark.slow
+def test_compiled_feature_map_matches_reference():
+    """Opt-in torch.compile of ELU+1 (one pass): same results; compiling C++ takes tens of seconds."""
+    from adala.attention.kernels import set_compiled_feature_maps
+
+    qkv = _packed(2, 77, 3, 16, std=3.0)
+    old = set_compiled_feature_maps(True)
+    try:
+        with torch.no_grad():
+            out = fused_linear_attention(qkv.clone(), 3, 16)
+    finally:
+        set_compiled_feature_maps(old)
+    assert _rel(out, _reference(qkv, 3, 16)) < 2e-6

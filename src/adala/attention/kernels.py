@@ -72,13 +72,20 @@ def set_compiled_feature_maps(enabled: bool) -> bool:
     return old
 
 
-def _inplace_feature_map(name: str) -> FeatureMap:
-    if not (_COMPILE["enabled"] and name == "elu"):
-        return FEATURE_MAPS_INPLACE[name]
-    fn = _COMPILE["fns"].get(name)
-    if fn is None:
-        fn = _COMPILE["fns"][name] = torch.compile(_elu_plus_one_one_pass_, dynamic=True)
-    return fn
+def _apply_inplace_feature_map(name: str, x: torch.Tensor) -> None:
+    if _COMPILE["enabled"] and name == "elu":
+        fn = _COMPILE["fns"].get(name)
+        if fn is None:
+            fn = _COMPILE["fns"][name] = torch.compile(_elu_plus_one_one_pass_, dynamic=True)
+        try:
+            fn(x)
+            return
+        except Exception as e:  # noqa: BLE001 - no compiler, unsupported backend...: eager is exact too
+            import logging
+
+            logging.getLogger(__name__).warning("compiled feature map unavailable (%s); using eager", e)
+            _COMPILE["enabled"] = False
+    FEATURE_MAPS_INPLACE[name](x)
 
 
 _WORKSPACE = threading.local()
@@ -210,7 +217,7 @@ def fused_linear_attention(
     a = num_heads * head_dim
     if width != 3 * a:
         raise ValueError(f"qkv has {width} features, expected 3·{num_heads}·{head_dim}")
-    _inplace_feature_map(feature_map)(qkv[..., : 2 * a])
+    _apply_inplace_feature_map(feature_map, qkv[..., : 2 * a])
     out = qkv.new_empty(b, n, num_heads, head_dim)
     num = qkv.new_empty(num_heads, n, head_dim)
     den = qkv.new_empty(num_heads, n)

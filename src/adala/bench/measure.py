@@ -60,27 +60,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed(fn: Callable[[], Any], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def interleaved(
-    fns: Sequence[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+    fns: Sequence[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[list[float]]:
-    """Seconds per call for each fn, ``repeats`` rounds, order rotated every round."""
+    """Seconds per call for each fn, ``repeats`` rounds, order rotated every round. ``clock`` is
+    wall time; ``time.process_time`` (with one thread) ignores time other processes took the core."""
     for fn in fns:
         for _ in range(warmup):
-            timed(fn, device)
+            timed(fn, device, clock)
     times: list[list[float]] = [[] for _ in fns]
     k = len(fns)
     for r in range(repeats):
         for j in range(k):
             i = (j + r) % k
-            times[i].append(timed(fns[i], device))
+            times[i].append(timed(fns[i], device, clock))
     return times
 
 

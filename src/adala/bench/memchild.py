@@ -37,6 +37,10 @@ def main() -> int:
     recipe = json.loads(sys.stdin.read())
     if recipe.get("threads"):
         torch.set_num_threads(int(recipe["threads"]))
+    if recipe.get("compile_feature_maps"):
+        from ..attention.kernels import set_compiled_feature_maps
+
+        set_compiled_feature_maps(True)
     vit = backbone_of(build(recipe))
     s = int(recipe["resolution"])
     x = torch.randn(int(recipe["batch_size"]), 3, s, s, generator=torch.Generator().manual_seed(0))

@@ -14,6 +14,7 @@ import platform
 import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -127,6 +128,7 @@ def bench(
     threads: int | None = None,
     max_load: float | None = None,
     max_wait: float = 600.0,
+    compile_feature_maps: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark a teacher against students and return the full record (see module docstring).
@@ -138,9 +140,10 @@ def bench(
     (default: the smallest resolution). ``max_load``: before timing each resolution, wait (up to
     ``max_wait`` s) until other processes use fewer CPU cores than this; every result row records
     the cores other processes used while it was timed (``external_load``), quiet or not.
+    ``compile_feature_maps`` turns on ``adala.attention.kernels.set_compiled_feature_maps`` for the run.
     Modules passed in are moved to ``device``, never modified.
     """
-    from .. import linearize, load_teacher, save_model
+    from .. import linearize, load_teacher
 
     say = progress or (lambda _msg: None)
     dev = check_device(device)
@@ -195,6 +198,7 @@ def bench(
             "timing": "interleaved rounds (order rotated), median of repeats, after warm-up",
             "memory_method": MEMORY_METHODS[dev.type] if memory else None,
             "max_load": max_load,
+            "compiled_feature_maps": compile_feature_maps,
             "flop_convention": flops_mod.CONVENTION,
         },
         "models": [_describe(n, m, "teacher" if n == TEACHER else "student") for n, m, _ in models],
@@ -202,20 +206,17 @@ def bench(
         "comparisons": [],
     }
 
-    with tempfile.TemporaryDirectory(prefix="adala-bench-") as tmp:
-        recipes = {}
-        for name, m, recipe in models:
-            if memory and dev.type == "cpu" and recipe is None:
-                try:  # a module without a spec travels to the memory subprocess as a saved model
-                    recipe = {"source": {"model_dir": str(save_model(m, os.path.join(tmp, name)))}}
-                except Exception as e:  # noqa: BLE001 - memory is reported missing, the run goes on
-                    recipe = {"error": f"cannot hand the model to a subprocess: {e}"}
-            recipes[name] = recipe
-        for res in resolutions:
-            if max_load is not None:
-                wait_for_quiet(max_load, max_wait, say)
-            _bench_resolution(record, models, recipes, res, batch_size, dev, dtype, repeats, warmup,
-                              memory, say)
+    from ..attention.kernels import set_compiled_feature_maps
+
+    run = _Run(dev, dtype, batch_size, repeats, warmup, memory, compile_feature_maps, say)
+    old_compile = set_compiled_feature_maps(compile_feature_maps)
+    try:
+        with tempfile.TemporaryDirectory(prefix="adala-bench-") as tmp:
+            recipes = _recipes(models, run, tmp)
+            for res in resolutions:
+                if max_load is not None:
+                    wait_for_quiet(max_load, max_wait, say)
+                _bench_resolution(record, models, recipes, res, run)
         if hasattr(os, "getloadavg"):
             record["environment"]["load_average_end"] = list(os.getloadavg())
         record["crossover"] = {
@@ -230,22 +231,44 @@ def bench(
             record["train_steps"] = train_throughput(
                 teacher, {n: m for n, m, _ in models[1:]}, tres, batch_size, dev, dtype, train_repeats, warmup
             )
+    finally:
+        set_compiled_feature_maps(old_compile)
     return record
 
 
+@dataclass
+class _Run:
+    dev: torch.device
+    dtype: str
+    batch_size: int
+    repeats: int
+    warmup: int
+    memory: bool
+    compile_feature_maps: bool
+    say: Callable[[str], None]
+
+
+def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: str) -> dict[str, dict | None]:
+    """How the memory subprocess rebuilds each model: its spec, else a temporary save."""
+    from .. import save_model
+
+    recipes: dict[str, dict | None] = {}
+    for name, m, recipe in models:
+        if run.memory and run.dev.type == "cpu" and recipe is None:
+            try:
+                recipe = {"source": {"model_dir": str(save_model(m, os.path.join(tmp, name)))}}
+            except Exception as e:  # noqa: BLE001 - memory is reported missing, the run goes on
+                recipe = {"error": f"cannot hand the model to a subprocess: {e}"}
+        if recipe is not None and run.compile_feature_maps:
+            recipe = {**recipe, "compile_feature_maps": True}
+        recipes[name] = recipe
+    return recipes
+
+
 def _bench_resolution(
-    record: dict[str, Any],
-    models: list[tuple[str, nn.Module, Any]],
-    recipes: dict[str, Any],
-    res: int,
-    batch_size: int,
-    dev: torch.device,
-    dtype: str,
-    repeats: int,
-    warmup: int,
-    memory: bool,
-    say: Callable[[str], None],
+    record: dict[str, Any], models: list[tuple[str, nn.Module, Any]], recipes: dict[str, Any], res: int, run: _Run
 ) -> None:
+    dev, dtype, batch_size, say = run.dev, run.dtype, run.batch_size, run.say
     x = torch.randn(batch_size, 3, res, res, generator=torch.Generator().manual_seed(0)).to(dev)
 
     def call(m: nn.Module) -> Callable[[], Any]:
@@ -258,9 +281,9 @@ def _bench_resolution(
         return fn
 
     fns = [call(m) for _, m, _ in models]
-    say(f"{res}px: timing {len(fns)} models x {repeats} interleaved repeats")
+    say(f"{res}px: timing {len(fns)} models x {run.repeats} interleaved repeats")
     probe = ExternalLoad().start()
-    times = interleaved(fns, dev, repeats, warmup)
+    times = interleaved(fns, dev, run.repeats, run.warmup)
     external = probe.stop()
     rows = {}
     for (name, m, _), t, fn in zip(models, times, fns):
@@ -271,7 +294,7 @@ def _bench_resolution(
                "flops_breakdown": {k: v for k, v in fl.items() if k not in ("tokens", "per_block")}}
         row["achieved_gflops_per_s"] = None if fl["total"] is None else fl["total"] / 1e9 / (row["latency_ms"] / 1e3)
         row["peak_memory_mb"], row["memory_method"], row["memory_error"] = None, None, None
-        if memory:
+        if run.memory:
             if dev.type == "cuda":
                 row["peak_memory_mb"] = cuda_peak_memory(fn, dev) / 2**20
                 row["memory_method"] = "torch.cuda.max_memory_allocated"

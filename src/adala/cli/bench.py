@@ -66,7 +66,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.repeats, args.warmup, teacher_kwargs=teacher_kwargs, options=parse_options(args.option),
         keep_softmax=parse_keep(args.keep_softmax), memory=not args.no_memory, train_steps=args.train_steps,
         train_resolution=args.train_resolution, train_repeats=args.train_repeats, threads=args.threads,
-        max_load=args.max_load, max_wait=args.max_wait,
+        max_load=args.max_load, max_wait=args.max_wait, compile_feature_maps=args.compile,
         progress=None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
     )
     write_json(record, args.out)
@@ -100,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-load", type=float, default=None, metavar="CORES",
                    help="before each resolution wait until other processes use fewer cores than this")
     p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for --max-load, seconds")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the linear feature map (one pass; first call compiles for tens of s)")
     p.add_argument("--train-steps", action="store_true", help="also time stage-1 and stage-2 optimiser steps")
     p.add_argument("--train-resolution", type=int, default=None, help="resolution for --train-steps")
     p.add_argument("--train-repeats", type=int, default=3)

@@ -19,7 +19,9 @@ def default_config() -> Path:
     raise ConfigError("configs/demo.yaml not found; pass --config")
 
 
-def run_demo(config: Path, out: Path, fresh: bool, resolutions: list[int], repeats: int) -> Path:
+def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int] = (224, 448, 672, 896),
+             repeats: int = 3, memory: bool = True) -> Path:
+    """Recipe -> bench (teacher vs the stage-2 student) -> report; returns the report path."""
     from ..bench import bench, write_json
     from ..recipes import run_recipe
     from ..report import write_report
@@ -31,7 +33,7 @@ def run_demo(config: Path, out: Path, fresh: bool, resolutions: list[int], repea
     if fresh or not bench_file.is_file():
         print(f"[bench] teacher vs stage-2 student at {', '.join(map(str, resolutions))} px (batch 1, CPU)")
         record = bench(summary["teacher"], students={"student": str(student_dir)}, resolutions=resolutions,
-                       repeats=repeats, progress=print)
+                       repeats=repeats, memory=memory, progress=print)
         record["command"] = f"adala bench --teacher {summary['teacher']} --model {student_dir} --resolutions " \
                             + ",".join(map(str, resolutions))
         write_json(record, bench_file)

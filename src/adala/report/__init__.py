@@ -75,7 +75,7 @@ def _loss_curve(run: Path, stage: str) -> tuple[list[int], list[float]]:
 
 
 def _bench_rows(bench: dict) -> list[dict]:
-    return list(bench.get("rows", []))
+    return list(bench.get("results", []))
 
 
 def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int = 4, pca_size: int = 224,
@@ -125,9 +125,11 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
             si = next((i for i, x in enumerate(rows) if x["resolution"] == r and x["model"] != "teacher"), None)
             if si is None:
                 continue
-            t = nums.fmt(bench_file, ["rows", ti, "images_per_s"], ".2f")
-            s = nums.fmt(bench_file, ["rows", si, "images_per_s"], ".2f")
-            sp = nums.fmt(bench_file, ["rows", si, "speedup"], ".2f", suffix="×")
+            ci = next(i for i, c in enumerate(bench["comparisons"])
+                      if c["resolution"] == r and c["student"] == rows[si]["model"])
+            t = nums.fmt(bench_file, ["results", ti, "images_per_s"], ".2f")
+            s = nums.fmt(bench_file, ["results", si, "images_per_s"], ".2f")
+            sp = nums.fmt(bench_file, ["comparisons", ci, "speedup"], ".2f", suffix="×")
             lines.append(f"| throughput at {r}² (images/s, batch 1, CPU) | {t} | {s} | {sp} |")
     lines.append("")
 
@@ -189,7 +191,8 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
     if bench:
         figures.throughput(_bench_rows(bench), run / "throughput.png")
         lines += ["## Throughput and memory vs resolution", "", "![throughput](throughput.png)", "",
-                  f"Measured with `{bench.get('command', 'adala bench')}`; memory: {bench.get('memory_method', '?')}.",
+                  f"Measured with `{bench.get('command', 'adala bench')}`; memory: "
+                  f"{bench.get('settings', {}).get('memory_method') or 'not measured'}.",
                   ""]
 
     # 7. provenance

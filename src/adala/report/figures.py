@@ -121,5 +121,6 @@ def throughput(rows: list[dict], path: Path) -> Path:
     a2.set(xlabel="resolution (px)", ylabel="MiB", title="peak memory")
     for a in (a1, a2):
         a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=8)
+        if a.get_lines():
+            a.legend(fontsize=8)
     return _save(fig, path)
