@@ -13,6 +13,7 @@ from adala.attention.kernels import (
     clear_workspace,
     elu_plus_one,
     fused_linear_attention,
+    fused_linear_attention_proj,
     linear_attention,
     normaliser,
 )
@@ -97,28 +98,54 @@ def test_no_grad_kernel_matches_reference_and_reshapes_for_free(fmap):
 
 
 @pytest.mark.parametrize("kind", ["linear-elu", "linear-relu"])
-@pytest.mark.parametrize("n", [1, 17, 67])
-def test_module_fused_equals_autograd_path_and_reference(kind, n):
+@pytest.mark.parametrize("n", [1, 17, 67, 400])
+@pytest.mark.parametrize("fold", [True, False])
+def test_module_fused_equals_autograd_path_and_reference(kind, n, fold):
+    """No-grad calls take a fused kernel (proj folded into the state, or kept apart when a hook
+    watches proj's input); autograd calls take mix(). All match the float64 reference."""
     attn = _tiny_attention(kind, heads=4, dim=64)
     x = torch.randn(2, n, 64)
     calls = []
-    orig = linear_mod.fused_linear_attention
+    seen = []
+    names = ("fused_linear_attention", "fused_linear_attention_proj")
+    orig = {name: getattr(linear_mod, name) for name in names}
 
-    def spy(*a, **kw):
-        calls.append(1)
-        return orig(*a, **kw)
+    def spy(name):
+        def f(*a, **kw):
+            calls.append(name)
+            return orig[name](*a, **kw)
 
-    linear_mod.fused_linear_attention = spy
+        return f
+
+    for name in names:
+        setattr(linear_mod, name, spy(name))
+    hook = None if fold else attn.proj.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape) or None)
     try:
         with torch.no_grad():
             fast = attn(x)
         slow = attn(x.clone().requires_grad_())
     finally:
-        linear_mod.fused_linear_attention = orig
-    assert len(calls) == 1  # no-grad took the fused path, the autograd call did not
+        for name in names:
+            setattr(linear_mod, name, orig[name])
+        if hook is not None:
+            hook.remove()
+    assert calls == [names[1] if fold else names[0]]  # no-grad took a fused path, autograd did not
+    assert len(seen) == (0 if fold else 2)  # a hook on proj still sees proj's input
     ref = _module_reference(attn, x)
     assert _rel(fast, ref) < 2e-6 and _rel(slow, ref) < 2e-6
     assert torch.allclose(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_proj_kernel_matches_reference_without_bias_and_in_float64():
+    h, d, c = 3, 8, 20
+    w = torch.randn(c, h * d, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float64, 1e-12)):
+        qkv = _packed(2, 45, h, d, dtype=dtype)
+        ref = _reference(qkv, h, d) @ w.T
+        with torch.no_grad():
+            out = fused_linear_attention_proj(qkv.clone(), h, d, w.to(dtype), None)
+        assert out.dtype == dtype and out.shape == (2, 45, c)
+        assert _rel(out, ref) < tol
 
 
 def test_module_fused_leaves_input_untouched_and_skips_hooked_qkv():

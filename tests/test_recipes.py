@@ -31,10 +31,11 @@ def _recipe(teacher: str) -> dict:
         "teacher": teacher,
         "img_size": 56,
         "seed": 0,
+        "threads": 1,
         "defaults": fast,
         "stages": {
             "student": {"kind": "linearize", "attention": "linear-elu"},
-            "stage1": {"kind": "align-attention", "from": "student", "data": "photos", "steps": 2,
+            "stage1": {"kind": "align-attention", "from": "student", "data": ["photos", "fashion-mnist"], "steps": 2,
                        "batch_size": 2, "lr": 1.0e-3},
             "stage2": {"kind": "align-features", "from": "stage1", "data": "photos", "steps": 2, "batch_size": 2},
             "probe": {"kind": "finetune", "from": "stage2", "task": "linear-probe", "data": "fashion-mnist",
@@ -61,6 +62,8 @@ def _recipe(teacher: str) -> dict:
     (lambda r: r.update(defaults={"amp": "fp8"}), "defaults.amp"),
     (lambda r: r["stages"]["eval"].pop("data"), "stages.eval.data"),
     (lambda r: r.update(stages={}), "stages"),
+    (lambda r: r.update(threads=0), "threads"),
+    (lambda r: r["stages"]["stage1"].update(data=[]), "stages.stage1.data"),
 ])
 def test_validation_errors_name_the_key(edit, key):
     raw = _recipe("dinov2-s14")

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .errors import AdalaError, ConfigError
 
 STAGE_KINDS = ("linearize", "align-attention", "align-features", "finetune", "evaluate")
-TOP_KEYS = {"teacher", "img_size", "seed", "defaults", "stages", "description"}
+TOP_KEYS = {"teacher", "img_size", "seed", "defaults", "stages", "description", "threads"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SUMMARY = "summary.json"
 FINGERPRINT = "stage.json"
@@ -166,6 +167,7 @@ class Recipe:
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str | None = None
+    threads: int | None = None    # torch CPU threads for the run (None: torch's default)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -216,6 +218,9 @@ def parse_recipe(raw: Any, source: str | None = None) -> Recipe:
     teacher = _str("teacher", raw.get("teacher", "dinov2-s14"))
     img_size = _int(1)("img_size", raw.get("img_size", 224))
     seed = _int(0)("seed", raw.get("seed", 0))
+    threads = raw.get("threads")
+    if threads is not None:
+        _int(1)("threads", threads)
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError(f"description: must be a string, got {description!r}")
@@ -272,7 +277,7 @@ def parse_recipe(raw: Any, source: str | None = None) -> Recipe:
         stages.append(Stage(name=name, kind=kind, source=src, options=opts))
         kinds[name] = kind
     return Recipe(teacher=teacher, img_size=img_size, seed=seed, stages=stages, defaults=defaults,
-                  description=description, source=source)
+                  description=description, source=source, threads=threads)
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
@@ -356,9 +361,7 @@ def _run_stage(recipe: Recipe, stage: Stage, teacher, source_model, d: Path, res
 def run_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, fresh: bool = False,
                overrides: Iterable[str] = (), log: Callable[[str], None] | None = print) -> dict:
     """Run every stage of ``recipe`` into ``out``; returns (and writes) the summary."""
-    from .models import load_teacher
-    from .stages.common import write_json
-    from .train.distributed import barrier, is_main
+    from .train.distributed import is_main
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -368,6 +371,20 @@ def run_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, fr
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
     say = log if (log is not None and is_main()) else (lambda _m: None)
+    threads_before = torch.get_num_threads()
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    try:
+        return _run(recipe, out, fresh, say)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(recipe: Recipe, out: Path, fresh: bool, say: Callable[[str], None]) -> dict:
+    from .models import load_teacher
+    from .stages.common import write_json
+    from .train.distributed import barrier, is_main
+
     teacher = load_teacher(recipe.teacher)
     from .stages.common import check_img_size
 

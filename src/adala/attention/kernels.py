@@ -226,3 +226,44 @@ def fused_linear_attention(
         q, k, v = (t[:, j].transpose(0, 1) for j in range(3))  # (H, N, D) strided views
         _mix_no_grad(q, k, v, out[i].transpose(0, 1), num, den, eps)
     return out.view(b, n, a)
+
+
+def fused_linear_attention_proj(
+    qkv: torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    feature_map: str = "elu",
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """``proj(fused_linear_attention(qkv))`` with the output projection folded into the state.
+
+    proj(out) = Σ_h (φq_h / den_h) (KV_h Wp_hᵀ) + b, so per image the (D, C) matrices KV_h Wp_hᵀ
+    (cost independent of N) replace the per-token product φq·KV and the division pass: φq is
+    scaled by 1/den once and the output projection's own GEMM does the rest. Same inputs and
+    in-place contract as ``fused_linear_attention``; returns (B, N, C).
+    """
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        raise RuntimeError("fused_linear_attention_proj is inference-only")
+    b, n, width = qkv.shape
+    a = num_heads * head_dim
+    if width != 3 * a or proj_weight.shape[1] != a:
+        raise ValueError(f"qkv has {width} features and proj takes {proj_weight.shape[1]}, expected 3·{a} and {a}")
+    c = proj_weight.shape[0]
+    _apply_inplace_feature_map(feature_map, qkv[..., : 2 * a])
+    wpt = proj_weight.t().reshape(num_heads, head_dim, c)  # (H, Dv, C) view: rows of Wpᵀ per head
+    scaled = qkv.new_empty(n, num_heads, head_dim)
+    den = qkv.new_empty(num_heads, n)
+    out = qkv.new_empty(b, n, c)
+    for i in range(b):
+        t = qkv[i].view(n, 3, num_heads, head_dim)
+        q, k, v = (t[:, j].transpose(0, 1) for j in range(3))  # (H, N, D) strided views
+        state = torch.bmm(torch.bmm(k.transpose(1, 2), v), wpt)  # (H, D, C): KV_h Wp_hᵀ
+        normaliser(q, k.sum(1), den, per_head=q.device.type == "cpu")
+        torch.div(q, den.add_(eps).unsqueeze(-1), out=scaled.transpose(0, 1))  # φq/den as (N, H·D)
+        if proj_bias is None:
+            torch.mm(scaled.view(n, a), state.view(a, c), out=out[i])
+        else:
+            torch.addmm(proj_bias, scaled.view(n, a), state.view(a, c), out=out[i])
+    return out

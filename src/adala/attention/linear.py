@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from .base import KernelAttention
-from .kernels import DEFAULT_EPS, FEATURE_MAPS, fused_linear_attention, linear_attention, packed_projection
+from .kernels import (
+    DEFAULT_EPS,
+    FEATURE_MAPS,
+    fused_linear_attention,
+    fused_linear_attention_proj,
+    linear_attention,
+    packed_projection,
+)
 from .registry import register
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -53,10 +60,24 @@ class LinearAttention(KernelAttention):
             and not (self.qkv._forward_hooks or self.qkv._forward_pre_hooks)
         )
 
+    def can_fold_proj(self) -> bool:
+        """The output projection folds into the attention state only when nothing non-linear sits
+        between them (no norm, no gate) and nobody watches ``proj``'s own input (hooks)."""
+        return (
+            isinstance(self.norm, nn.Identity)
+            and self.gate is None
+            and isinstance(self.proj, nn.Linear)
+            and not (self.proj._forward_hooks or self.proj._forward_pre_hooks)
+        )
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         if attn_mask is not None or not self.can_fuse(x):
             return super().forward(x, attn_mask=attn_mask, **kw)
         qkv = packed_projection(x, self.qkv)  # CPU: a reused workspace, consumed in place right here
+        if self.can_fold_proj():
+            out = fused_linear_attention_proj(qkv, self.num_heads, self.head_dim, self.proj.weight, self.proj.bias,
+                                              self.feature_map_name, self.eps)
+            return self.proj_drop(out)
         out = fused_linear_attention(qkv, self.num_heads, self.head_dim, self.feature_map_name, self.eps)
         out = self.norm(out)
         if self.gate is not None:

@@ -8,6 +8,7 @@ stage gets them identically.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -36,6 +37,8 @@ from .schedule import build_optimizer, build_scheduler, trainable_parameters
 from .state import RunState, seed_all
 
 AMP_MODES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+log = logging.getLogger("adala.train")
 
 
 @dataclass
@@ -185,6 +188,11 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
         seed_all(cfg.seed + dist.rank())
         log_event(out_dir, {"event": "start", "stage": stage, "steps": cfg.steps, "world_size": world,
                             "device": str(device), "amp": amp_name})
+    bad = list(getattr(dataset, "skipped", None) or [])
+    if main and bad:  # unreadable images never stop a run: they are counted and listed
+        log_event(out_dir, {"event": "skipped_images", "count": len(bad),
+                            "files": [{"path": str(p), "reason": str(r)} for p, r in bad]})
+        log.warning("%s: skipped %d unreadable image(s), listed in %s/log.jsonl", stage, len(bad), out_dir)
     last_ckpt = loaded.path.name if loaded is not None else None
 
     model: nn.Module = objective
