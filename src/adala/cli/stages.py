@@ -10,7 +10,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict:
     """The TrainConfig options given on the command line (unset ones keep the engine's defaults)."""
     out = {"seed": args.seed, "resume": args.resume, "progress": not args.quiet}
     for name in ("warmup_steps", "weight_decay", "accum_steps", "amp", "device", "ckpt_every", "num_workers",
-                 "log_every", "grad_clip"):
+                 "log_every", "grad_clip", "keep"):
         value = getattr(args, name, None)
         if value is not None:
             out[name] = value
@@ -27,6 +27,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     g.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=None, help="checkpoint every N steps")
+    g.add_argument("--keep", type=int, default=None, help="checkpoints kept (default 2)")
     g.add_argument("--num-workers", dest="num_workers", type=int, default=None)
     g.add_argument("--log-every", dest="log_every", type=int, default=None)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
