@@ -9,7 +9,9 @@ Variants (cumulative), all numerically equal to float tolerance:
            matmul, division written straight into (N, H, D) (no transpose copy afterwards)
   layout   the same with a D-column numerator matmul and one gemv per head for the normaliser
   inplace  fused: φ in place once over the packed q|k slab of a fresh qkv projection
-  fused    + the projection written into a reused per-thread workspace (today's inference path)
+  workspace + the qkv projection written into a reused per-thread workspace
+  fused    + the output projection folded into the state: (φq/den)(KᵀV Wpᵀ) replaces the per-token
+           φq·KᵀV product and the division pass (today's inference path)
 
 Timed interleaved with the teacher (softmax via SDPA), median of repeats. Usage:
   python benchmarks/kernel_ablation.py --resolutions 224,672,1344 --repeats 5 [--threads 2] [--out DIR]
@@ -31,11 +33,11 @@ import torch
 
 import adala
 from adala.attention.base import KernelAttention
-from adala.attention.kernels import elu_plus_one, fused_linear_attention, linear_attention
+from adala.attention.kernels import elu_plus_one, fused_linear_attention, linear_attention, packed_projection
 from adala.bench.flops import block_flops, model_flops
 from adala.bench.measure import interleaved
 
-VARIANTS = ("naive", "ksum", "layout65", "layout", "inplace", "fused")
+VARIANTS = ("naive", "ksum", "layout65", "layout", "inplace", "workspace", "fused")
 
 
 def naive_linear_attention(phi_q, phi_k, v, eps=1e-6):
@@ -75,6 +77,12 @@ def _inplace_forward(self, x, attn_mask=None, **_):
     return self.proj(out)
 
 
+def _workspace_forward(self, x, attn_mask=None, **_):
+    qkv = packed_projection(x, self.qkv)
+    out = fused_linear_attention(qkv, self.num_heads, self.head_dim, self.feature_map_name, self.eps)
+    return self.proj(out)
+
+
 def _mix_forward(mix):
     def forward(self, x, attn_mask=None, **_):
         return KernelAttention.forward(self, x)
@@ -92,9 +100,10 @@ def variant(student: torch.nn.Module, name: str) -> torch.nn.Module:
     m = copy.deepcopy(student)
     if name == "fused":
         return m
-    if name == "inplace":
+    if name in ("inplace", "workspace"):
+        fwd = _inplace_forward if name == "inplace" else _workspace_forward
         for blk in m.blocks:
-            blk.attn.forward = types.MethodType(_inplace_forward, blk.attn)
+            blk.attn.forward = types.MethodType(fwd, blk.attn)
         return m
     kernel = {"naive": naive_linear_attention, "ksum": ksum_linear_attention, "layout65": layout65_linear_attention,
               "layout": linear_attention}[name]

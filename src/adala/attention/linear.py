@@ -1,8 +1,9 @@
 """Kernel linear attention with a fixed feature map: ``linear-elu`` (paper default), ``linear-relu``.
 
-Inference (no autograd, fp32/fp64, no autocast) takes ``fused_linear_attention`` straight from the
-packed qkv projection; everything else (training, bf16/fp16 autocast, hooks on ``qkv``, q/k norms)
-goes through ``mix`` and the shared plumbing, with identical results up to float rounding.
+Inference (no autograd, fp32/fp64, no autocast) runs a fused kernel straight from the packed qkv
+projection, with the output projection folded into the attention state when nothing sits between
+them (``fused_linear_attention_proj``); everything else (training, bf16/fp16 autocast, hooks on
+``qkv``, q/k norms) goes through ``mix`` and the shared plumbing. Results agree to float rounding.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class LinearAttention(KernelAttention):
 
     def can_fold_proj(self) -> bool:
         """The output projection folds into the attention state only when nothing non-linear sits
-        between them (no norm, no gate) and nobody watches ``proj``'s own input (hooks)."""
+        between them (no norm, no gate) and nobody watches ``proj``'s own input (hooks). It pays
+        per image 2·H·D²·C FLOPs to save 2·N·H·D² and a pass, so ``forward`` folds from N ≥ C on."""
         return (
             isinstance(self.norm, nn.Identity)
             and self.gate is None
@@ -74,7 +76,7 @@ class LinearAttention(KernelAttention):
         if attn_mask is not None or not self.can_fuse(x):
             return super().forward(x, attn_mask=attn_mask, **kw)
         qkv = packed_projection(x, self.qkv)  # CPU: a reused workspace, consumed in place right here
-        if self.can_fold_proj():
+        if self.can_fold_proj() and x.shape[1] >= self.proj.out_features:  # fewer FLOPs only from N ≥ C on
             out = fused_linear_attention_proj(qkv, self.num_heads, self.head_dim, self.proj.weight, self.proj.bias,
                                               self.feature_map_name, self.eps)
             return self.proj_drop(out)

@@ -23,6 +23,13 @@ CONVENTION = (
 )
 
 
+EXECUTION_NOTE = (
+    "linear-elu/linear-relu inference (fused path, N >= embed dim) evaluates proj((φq·KᵀV)/den) as "
+    "(φq/den)·(KᵀV·Wpᵀ): the per-token Q(KᵀV) product (2·N·D² per head) is replaced by an N-independent "
+    "2·D²·C per head, so it executes slightly fewer FLOPs than counted; counts use the standard formulation"
+)
+
+
 def tokens(model: nn.Module, img_size: int) -> int:
     """Sequence length at ``img_size``: prefix tokens (cls, registers) + patch grid."""
     vit = backbone_of(model)

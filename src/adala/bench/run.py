@@ -200,6 +200,7 @@ def bench(
             "max_load": max_load,
             "compiled_feature_maps": compile_feature_maps,
             "flop_convention": flops_mod.CONVENTION,
+            "flop_note": flops_mod.EXECUTION_NOTE,
         },
         "models": [_describe(n, m, "teacher" if n == TEACHER else "student") for n, m, _ in models],
         "results": [],
