@@ -245,6 +245,14 @@ def test_normaliser_both_device_branches(per_head):
     assert torch.allclose(den, torch.einsum("hnd,hd->hn", q, ksum))
 
 
+def test_token_sum_layouts():
+    from adala.attention.kernels import token_sum
+
+    packed = torch.randn(37, 3, 4, 8)  # (N, 3, H, D) like a qkv projection
+    for k in (packed[:, 1].transpose(0, 1), packed[:, 1].transpose(0, 1).contiguous(), torch.randn(4, 8, 37).mT):
+        assert torch.allclose(token_sum(k), k.sum(1), atol=1e-5)
+
+
 def test_workspace_reuse_across_calls_modes_and_threads():
     """The CPU projection workspace is reused: consecutive calls of different sizes, inference mode
     and plain no-grad, several modules in a row, and concurrent threads must all stay exact."""

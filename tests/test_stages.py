@@ -129,18 +129,24 @@ def test_finetune_runs_and_reloads_identically(tmp_path, task, data, head, kw):
 
 @pytest.mark.slow
 def test_embedded_teacher_stage1_then_stage2_reduce_errors(tmp_path, embedded_teacher):
-    teacher = embedded_teacher
-    x = _heldout(8, 56)
-    naive = adala.linearize(teacher)
-    s1 = align_attention(teacher, naive, data="photos", img_size=56, steps=30, batch_size=8, lr=2e-3,
-                         out=tmp_path / "s1", **FAST)
-    f0, f1 = fidelity(naive, teacher, [x]), fidelity(s1.model, teacher, [x])
-    assert f1["attn_rel_err_mean"] < 0.8 * f0["attn_rel_err_mean"]
-    s2 = align_features(teacher, s1.model, data="photos", img_size=56, steps=30, batch_size=8, lr=3e-5,
-                        out=tmp_path / "s2", **FAST)
-    f2 = fidelity(s2.model, teacher, [x])
-    assert f2["final_rel_err"] < f1["final_rel_err"]
-    assert f2["final_cosine"] > f1["final_cosine"] > f0["final_cosine"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # far faster than two contending threads on a shared 2-core machine
+    try:
+        teacher = embedded_teacher
+        x = _heldout(8, 56)
+        naive = adala.linearize(teacher)
+        s1 = align_attention(teacher, naive, data="photos", img_size=56, steps=30, batch_size=8, lr=2e-3,
+                             out=tmp_path / "s1", **FAST)
+        f0, f1 = fidelity(naive, teacher, [x]), fidelity(s1.model, teacher, [x])
+        assert f1["attn_rel_err_mean"] < 0.8 * f0["attn_rel_err_mean"]
+        assert sum(a < b for a, b in zip(f1["attn_rel_err"], f0["attn_rel_err"])) >= 10  # of 12 blocks
+        s2 = align_features(teacher, s1.model, data="photos", img_size=56, steps=30, batch_size=8, lr=3e-5,
+                            out=tmp_path / "s2", **FAST)
+        f2 = fidelity(s2.model, teacher, [x])
+        assert f2["final_rel_err"] < f1["final_rel_err"] < f0["final_rel_err"]
+        assert f2["final_cosine"] > f1["final_cosine"] > f0["final_cosine"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_mixed_data_alternates_sources():

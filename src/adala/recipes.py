@@ -1,9 +1,10 @@
 """YAML recipes: the stages of a ViT-AdaLA run, in order, each feeding the next (``adala run``).
 
-A recipe names a teacher, a default image size and seed, optional training ``defaults`` and an ordered
-``stages`` mapping ``name -> {kind, from, ...}``. Stage ``name`` writes to ``OUT/name/``; ``from`` names an
-earlier stage (or ``teacher``) whose model it starts from. ``OUT/summary.json`` lists every stage in order with
-its kind, output directory and final metrics.
+A recipe names a teacher, a default image size and seed, optional training ``defaults`` (applied to every
+stage that accepts the key), optional ``threads`` (torch CPU threads for the run) and an ordered ``stages``
+mapping ``name -> {kind, from, ...}``; alignment stages take ``data`` as one spec or a list mixed equally.
+Stage ``name`` writes to ``OUT/name/``; ``from`` names an earlier stage (or ``teacher``) whose model it
+starts from. ``OUT/summary.json`` lists every stage in order with its kind, output directory and final metrics.
 
 Re-running a recipe reuses finished stages: a stage is skipped when its directory holds its outputs
 (``adala.json`` + ``metrics.json``; ``metrics.json`` for ``evaluate``) and the fingerprint of its resolved
@@ -141,7 +142,7 @@ KIND_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
                  "cache_features": _cache, **TRAIN_KEYS},
     "evaluate": {"task": _choice("classification", "linear-probe", "segmentation", "features"), "data": _str,
                  "teacher": _teacher_flag, "batch_size": _int(1), "length": _int(1),
-                 "device": _choice("auto", "cpu", "cuda")},
+                 "device": _choice("auto", "cpu", "cuda"), "num_workers": _int(0)},
 }
 REQUIRED = {"finetune": ("from", "data"), "align-features": ("from",), "evaluate": ("from", "task", "data")}
 DEFAULT_KEYS = {**TRAIN_KEYS, "batch_size": _int(1)}

@@ -154,10 +154,24 @@ def _mix_no_grad(
     it has, so a transposed view of the (N, H, Dv) result costs no extra pass.
     """
     kv = torch.bmm(k.transpose(1, 2), v)  # (H, D, Dv)
-    ksum = k.sum(1)  # (H, D)
+    ksum = token_sum(k)  # (H, D)
     torch.bmm(q, kv, out=num)
     normaliser(q, ksum, den, per_head=q.device.type == "cpu")
     torch.div(num, den.add_(eps).unsqueeze(-1), out=out)
+
+
+def token_sum(k: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of k (H, N, D) -> (H, D). On CPU one BLAS gemv per head: a strided reduction
+    over N is as fast on one thread but with two it can stall a scheduler tick (4 ms) per call when
+    the second core is busy, where BLAS keeps small products on one thread."""
+    if k.device.type != "cpu":
+        return k.sum(1)
+    h, n, d = k.shape
+    ones = k.new_ones(n)
+    if k.stride(2) == 1 and k.stride(0) == d:  # heads side by side in a token row: one (N, H·D) gemv
+        rows = k.as_strided((n, h * d), (k.stride(1), 1))
+        return torch.mv(rows.t(), ones).view(h, d)
+    return torch.stack([torch.mv(k[i].t(), ones) for i in range(h)])
 
 
 def normaliser(q: torch.Tensor, ksum: torch.Tensor, den: torch.Tensor, per_head: bool) -> None:
@@ -260,7 +274,7 @@ def fused_linear_attention_proj(
         t = qkv[i].view(n, 3, num_heads, head_dim)
         q, k, v = (t[:, j].transpose(0, 1) for j in range(3))  # (H, N, D) strided views
         state = torch.bmm(torch.bmm(k.transpose(1, 2), v), wpt)  # (H, D, C): KV_h Wp_hᵀ
-        normaliser(q, k.sum(1), den, per_head=q.device.type == "cpu")
+        normaliser(q, token_sum(k), den, per_head=q.device.type == "cpu")
         torch.div(q, den.add_(eps).unsqueeze(-1), out=scaled.transpose(0, 1))  # φq/den as (N, H·D)
         if proj_bias is None:
             torch.mm(scaled.view(n, a), state.view(a, c), out=out[i])

@@ -49,6 +49,7 @@ def evaluate(
     length: int | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Scores of ``model`` on ``data`` for ``task`` (``features``: unlabeled data, fidelity only).
 
@@ -89,7 +90,7 @@ def evaluate(
         t_model.to(dev)
     cm = ConfusionMatrix(head["num_classes"]) if head else None
     meter = FidelityMeter(len(attention_modules(model))) if t_model is not None else None
-    for batch in eval_batches(ds, batch_size):
+    for batch in eval_batches(ds, batch_size, num_workers=num_workers):
         x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(dev)
         if cm is not None:
             cm.update(model(x).argmax(1), batch[1])

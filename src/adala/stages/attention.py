@@ -20,7 +20,6 @@ from ..models.surgery import attention_modules, backbone_of
 from .common import (
     StageResult,
     TeacherRecorder,
-    as_model,
     as_teacher,
     check_img_size,
     check_out,
@@ -130,7 +129,7 @@ def align_attention(
     from ..train.loop import train as run_training
 
     teacher = as_teacher(teacher)
-    student = linearize(teacher, attention) if student is None else trainable_copy(as_model(student, "student"))
+    student = linearize(teacher, attention) if student is None else trainable_copy(student, "student")
     check_pair(teacher, student)
     check_img_size(teacher, img_size)
     cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)

@@ -67,9 +67,11 @@ def as_model(model: nn.Module | str | os.PathLike, what: str = "model") -> nn.Mo
     raise ConfigError(f"{what} must be a module or a model directory, got {type(model).__name__}")
 
 
-def trainable_copy(model: nn.Module) -> nn.Module:
-    """Stages never modify the module they were given: they train a copy (with its adala_config)."""
-    out = copy.deepcopy(model)
+def trainable_copy(model: nn.Module | str | os.PathLike, what: str = "model") -> nn.Module:
+    """A module to train: stages never modify a module they were given, so that is deep-copied (with its
+    adala_config); a directory is simply loaded."""
+    out = copy.deepcopy(model) if isinstance(model, nn.Module) else None
+    out = as_model(model if out is None else out, what)
     for p in out.parameters():
         p.requires_grad_(True)
     return out.train()
@@ -178,17 +180,19 @@ def dataset(model: nn.Module, spec: str | list[str], *, task: str, img_size: int
     return ds
 
 
-def eval_batches(ds, batch_size: int, shard: bool = True):
-    """Deterministic, in-order batches; with ``shard`` each rank takes every world_size-th item."""
+def eval_batches(ds, batch_size: int, shard: bool = True, num_workers: int = 0):
+    """Deterministic, in-order batches; with ``shard`` each rank takes every world_size-th item.
+    ``num_workers`` > 0 decodes the next batches in other processes while the model runs."""
     from ..train.distributed import rank, world_size
 
     if isinstance(ds, torch.utils.data.IterableDataset):
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
     else:
         idx = list(range(len(ds)))
         if shard and world_size() > 1:
             idx = idx[rank():: world_size()]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
+                                             num_workers=num_workers)
     yield from loader
 
 

@@ -18,7 +18,6 @@ from ..errors import ConfigError
 from ..models.surgery import backbone_of
 from .common import (
     StageResult,
-    as_model,
     as_teacher,
     check_img_size,
     check_out,
@@ -100,7 +99,7 @@ def align_features(
     if loss not in LOSSES:
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     teacher = as_teacher(teacher)
-    student = trainable_copy(as_model(student, "student"))
+    student = trainable_copy(student, "student")
     check_pair(teacher, student)
     check_img_size(teacher, img_size)
     cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)

@@ -123,12 +123,12 @@ def _cache_bytes(model: nn.Module, n: int, img_size: int, task_type: str) -> int
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, ds, batch_size: int, device: torch.device
+def extract_features(model: nn.Module, ds, batch_size: int, device: torch.device, num_workers: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, targets)`` of every item of ``ds`` with the frozen backbone (all ranks compute all)."""
     model.eval().to(device)
     feats, targets = [], []
-    for x, y in eval_batches(ds, batch_size, shard=False):
+    for x, y in eval_batches(ds, batch_size, shard=False, num_workers=num_workers):
         feats.append(model.features(x.to(device)).float().cpu())
         targets.append(y.to(torch.uint8) if y.dim() > 1 and int(y.max()) <= 255 else y)
     return torch.cat(feats), torch.cat(targets)
@@ -201,7 +201,8 @@ def finetune(
     if eval_data is not None:  # validate the eval data before any training
         dataset(source, eval_data, task=task_type, img_size=img_size, train=False, length=eval_length)
         eval_ds_args = dict(task=task, data=eval_data, img_size=img_size, length=eval_length,
-                            batch_size=max(16, min(batch_size, 128)), device=cfg.device)
+                            batch_size=max(16, min(batch_size, 128)), device=cfg.device,
+                            num_workers=cfg.num_workers)
     out = out_dir(out, "finetune")
     check_out(out, cfg.resume)
     wrapper = wrap(backbone, task_config(task_type, num_classes, head, names, probe=frozen))
@@ -215,7 +216,8 @@ def finetune(
     if cache:
         batch_size = min(batch_size, n)
         cfg = replace(cfg, batch_size=batch_size, steps=_steps_for(epochs, steps, n, batch_size, cfg.accum_steps))
-        feats, targets = extract_features(wrapper, ds, max(32, min(batch_size, 128)), pick_device(cfg.device))
+        feats, targets = extract_features(wrapper, ds, max(32, min(batch_size, 128)), pick_device(cfg.device),
+                                          cfg.num_workers)
         wrapper.head.norm.fit(feats)
         train_ds = torch.utils.data.TensorDataset(feats, targets)
         objective = HeadObjective(wrapper.head, task_type)
