@@ -60,6 +60,9 @@ def test_compare_tiny_recipe_table_and_plot(tmp_path):
     assert by_kind["linear-elu"]["params_extra"] == 0 < by_kind["hedgehog"]["params_extra"]  # feature maps
     assert result["teacher_row"]["probe_top1"] is not None  # the recipe's probe of the teacher itself
     assert (out / "linear-elu" / "stage2" / "adala.json").is_file()
+    # the teacher's own probe does not depend on the kind: it runs once, for the first kind
+    assert (out / "linear-elu" / "probe_teacher" / "metrics.json").is_file()
+    assert not (out / "hedgehog" / "probe_teacher").exists()
     assert json.loads((out / "hedgehog" / "stage2" / "adala.json").read_text())["attention"]["kind"] == "hedgehog"
     # one bench run with every student interleaved next to the teacher
     assert [m["name"] for m in result["bench"]["models"]] == ["teacher", *KINDS]

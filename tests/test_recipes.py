@@ -162,3 +162,22 @@ def test_paper_config_starts_on_stand_ins(tmp_path, tiny_dir):
         (["--set", s] for s in sets), [])]) == 0
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == [s.name for s in r.stages]
+
+
+def test_shared_settings_through_x_keys_and_yaml_anchors(tmp_path):
+    cfg = tmp_path / "anchors.yaml"
+    cfg.write_text("""
+teacher: dinov2-s14
+x-probe: &probe {kind: finetune, task: linear-probe, data: fashion-mnist:train, length: 64}
+stages:
+  student: {kind: linearize}
+  probe_teacher: {<<: *probe, from: teacher}
+  probe: {<<: *probe, from: student, length: 32}
+""")
+    r = load_recipe(cfg)
+    opts = {s.name: s.options for s in r.stages}
+    assert opts["probe_teacher"]["length"] == 64 and opts["probe"]["length"] == 32
+    assert opts["probe"]["task"] == "linear-probe" and r.stages[2].source == "student"
+    cfg.write_text("teacher: dinov2-s14\ny-probe: 1\nstages: {student: {kind: linearize}}\n")
+    with pytest.raises(ConfigError, match="y-probe: unknown recipe key"):
+        load_recipe(cfg)

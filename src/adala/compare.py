@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,12 @@ def _teacher_probe(recipe: Recipe, summary: dict) -> float | None:
     return None
 
 
+def _without_teacher_leaves(stages: list) -> list:
+    """The stages minus those run on the teacher itself that no other stage starts from."""
+    used = {st.source for st in stages}
+    return [st for st in stages if not (st.source == "teacher" and st.name not in used)]
+
+
 def param_counts(student, teacher) -> dict[str, int]:
     """Total parameters; those beyond the teacher's (new kernel parameters); those stage 1 trains."""
     from .models.surgery import attention_modules
@@ -129,6 +136,8 @@ def compare(
         say(f"== {kind}: {recipe} -> {out / kind}")
         sets = [*base, f"{key}={kind}"]
         r = load_recipe(recipe, sets)
+        if runs:  # the teacher's own stages do not depend on the kind: run them for the first kind only
+            r = replace(r, stages=_without_teacher_leaves(r.stages))
         runs[kind] = (r, run_recipe(r, out / kind, fresh=fresh, log=log))
     say(f"== bench {', '.join(kinds)} vs teacher at {', '.join(map(str, resolutions))}px")
     t_model = load_teacher(parsed.teacher)

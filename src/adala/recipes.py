@@ -213,9 +213,10 @@ def parse_recipe(raw: Any, source: str | None = None) -> Recipe:
     """Validate a recipe mapping (as loaded from YAML) into a :class:`Recipe`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {source or ''}: must be a mapping with 'teacher' and 'stages'".replace(" :", ":"))
-    unknown = sorted(set(map(str, raw)) - TOP_KEYS)
+    # top-level "x-..." keys hold shared settings for YAML anchors (``<<: *name``), as in docker-compose
+    unknown = sorted(k for k in set(map(str, raw)) - TOP_KEYS if not k.startswith("x-"))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown recipe key (known: {', '.join(sorted(TOP_KEYS))})")
+        raise ConfigError(f"{unknown[0]}: unknown recipe key (known: {', '.join(sorted(TOP_KEYS))}, x-*)")
     teacher = _str("teacher", raw.get("teacher", "dinov2-s14"))
     img_size = _int(1)("img_size", raw.get("img_size", 224))
     seed = _int(0)("seed", raw.get("seed", 0))

@@ -221,7 +221,8 @@ def finetune(
         wrapper.head.norm.fit(feats)
         train_ds = torch.utils.data.TensorDataset(feats, targets)
         objective = HeadObjective(wrapper.head, task_type)
-        result = run_training(objective, train_ds, cfg, out, stage=f"finetune-{task}")
+        # cached features are in memory already: worker processes would only add IPC to every step
+        result = run_training(objective, train_ds, replace(cfg, num_workers=0), out, stage=f"finetune-{task}")
     else:
         cfg = replace(cfg, steps=_steps_for(epochs, steps, n, batch_size, cfg.accum_steps))
         objective = TaskObjective(wrapper, task_type, frozen_backbone=frozen)
