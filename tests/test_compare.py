@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import adala
 from adala.cli import main
 from adala.compare import compare
 from adala.errors import ConfigError
+from adala.recipes import load_recipe
 
 KINDS = ["linear-elu", "hedgehog"]
 
@@ -89,3 +91,15 @@ def test_compare_rejects_unknown_kinds_and_recipes_without_a_linearize_stage(tmp
                       "  probe: {kind: finetune, from: teacher, task: linear-probe, data: fashion-mnist}\n")
     with pytest.raises(ConfigError, match="no linearize stage"):
         compare(None, ["linear-elu"], recipe, tmp_path / "out", log=None)
+
+
+def test_compare_runs_only_what_the_table_needs_of_the_demo_recipe():
+    from adala.compare import _final_student, _needed_stages
+
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    final = _final_student(recipe)
+    assert final == "stage2"  # stage 1 -> stage 2, not the ablation's stage 2 straight from linearize
+    names = [st.name for st in _needed_stages(recipe.stages, final)]
+    assert {"student", "stage1", "stage2", "fidelity", "probe", "finetune", "segmentation",
+            "probe_teacher", "seg_teacher"} <= set(names)
+    assert not {"stage2_only", "probe_none", "probe_stage1", "seg_stage2_only"} & set(names)

@@ -49,26 +49,46 @@ def _attention_override(recipe: Recipe) -> str:
     raise ConfigError(f"recipe {recipe.source}: no linearize stage whose attention kind compare could set")
 
 
+def _ancestors(stages: list, name: str) -> list[str]:
+    by_name = {st.name: st for st in stages}
+    chain = []
+    while name in by_name and by_name[name].source not in (None, "teacher"):
+        name = by_name[name].source
+        chain.append(name)
+    return chain
+
+
 def _final_student(recipe: Recipe) -> str:
+    """The student the table is about: of the first kind in QUALITY_STAGES, the stage with the longest chain
+    of stages behind it (so stage 1 -> stage 2 wins over an ablation's stage 2 straight from linearize)."""
     for kind in QUALITY_STAGES:
-        names = [st.name for st in recipe.stages if st.kind == kind]
-        if names:
-            return names[-1]
+        cands = [(len(_ancestors(recipe.stages, st.name)), i, st.name)
+                 for i, st in enumerate(recipe.stages) if st.kind == kind]
+        if cands:
+            return max(cands)[2]
     raise ConfigError(f"recipe {recipe.source}: no stage produces a student to compare")
 
 
-def _quality(recipe: Recipe, summary: dict) -> dict[str, float | None]:
-    """Probe top-1, mIoU and final-token cosine of the student (stages run from the teacher are skipped)."""
+def _needed_stages(stages: list, final: str) -> list:
+    """What the table needs: the final student's chain, the stages that start from it, the teacher's own."""
+    keep = {final, *_ancestors(stages, final)}
+    return [st for st in stages if st.name in keep or st.source in (final, "teacher")]
+
+
+def _quality(recipe: Recipe, summary: dict, final: str) -> dict[str, float | None]:
+    """Probe top-1 (a linear probe before a full fine-tune), mIoU and final-token cosine of the stages that
+    start from the final student."""
     metrics = {e["name"]: e.get("metrics") or {} for e in summary["stages"]}
     got: dict[str, float | None] = {"probe_top1": None, "miou": None, "final_cosine": None}
+    probe_task = None
     for st in recipe.stages:
-        if st.source == "teacher":
+        if st.source != final:
             continue
         m = metrics.get(st.name, {})
         task = st.options.get("task")
         if st.kind == "finetune" and task in ("linear-probe", "classification") and "top1" in m:
-            if got["probe_top1"] is None or st.name == "probe":
-                got["probe_top1"] = float(m["top1"])
+            if got["probe_top1"] is None or (task == "linear-probe" and probe_task != "linear-probe"):
+                got["probe_top1"], probe_task = float(m["top1"]), task
         if st.kind == "finetune" and task == "segmentation" and "miou" in m:
             got["miou"] = float(m["miou"])
         if st.kind == "evaluate" and isinstance(m.get("fidelity"), dict):
@@ -136,6 +156,7 @@ def compare(
         say(f"== {kind}: {recipe} -> {out / kind}")
         sets = [*base, f"{key}={kind}"]
         r = load_recipe(recipe, sets)
+        r = replace(r, stages=_needed_stages(r.stages, final))  # e.g. a recipe's ablation arms are left out
         if runs:  # the teacher's own stages do not depend on the kind: run them for the first kind only
             r = replace(r, stages=_without_teacher_leaves(r.stages))
         runs[kind] = (r, run_recipe(r, out / kind, fresh=fresh, log=log))
@@ -147,7 +168,7 @@ def compare(
     rows = []
     for kind in kinds:
         r, summary = runs[kind]
-        row: dict[str, Any] = {"kind": kind, "student": str(out / kind / final), **_quality(r, summary)}
+        row: dict[str, Any] = {"kind": kind, "student": str(out / kind / final), **_quality(r, summary, final)}
         for res in res_list:
             s = next(x for x in record["results"] if x["model"] == kind and x["resolution"] == res)
             c = next(x for x in record["comparisons"] if x["student"] == kind and x["resolution"] == res)
