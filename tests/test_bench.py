@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -51,6 +55,8 @@ def test_bench_api_record_has_every_field():
     assert record["format"] == "adala-bench/1"
     s = record["settings"]
     assert s["resolutions"] == [56, 112] and "multiply-add = 2 FLOPs" in s["flop_convention"]
+    if platform.libc_ver()[0] == "glibc":  # Linux CI: big freed blocks are kept for reuse while timing
+        assert s["allocator"].startswith("glibc, freed memory kept")
     assert [m["name"] for m in record["models"]] == ["teacher", "linear-elu"]
     assert record["models"][1]["block_kinds"] == ["linear-elu", "linear-elu"]
     assert len(record["results"]) == 4
@@ -128,3 +134,14 @@ def test_cli_bench_model_dir_and_errors(tmp_path, capsys):
     rc = main(["bench", "--model", str(model_dir), "--attention", "linear-elu", "--out", str(out)])
     assert rc == 2
     assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_keep_freed_memory_can_be_turned_off_from_the_environment():
+    code = "from adala.runtime import keep_freed_memory as k, allocator as a; print(k(), k(), a())"
+    env = {**os.environ, "ADALA_MALLOC": "system"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert off.stdout.split()[:2] == ["False", "False"] and "system default" in off.stdout
+    if platform.libc_ver()[0] == "glibc":
+        env.pop("ADALA_MALLOC")
+        on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert on.stdout.split()[:2] == ["True", "True"] and "glibc" in on.stdout

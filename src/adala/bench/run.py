@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.surgery import backbone_of, block_kinds
+from ..runtime import allocator
 from . import flops as flops_mod
 from .measure import (
     MEMORY_METHODS,
@@ -129,6 +130,7 @@ def bench(
     max_load: float | None = None,
     max_wait: float = 600.0,
     compile_feature_maps: bool = False,
+    keep_freed_memory: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark a teacher against students and return the full record (see module docstring).
@@ -141,6 +143,9 @@ def bench(
     ``max_wait`` s) until other processes use fewer CPU cores than this; every result row records
     the cores other processes used while it was timed (``external_load``), quiet or not.
     ``compile_feature_maps`` turns on ``adala.attention.kernels.set_compiled_feature_maps`` for the run.
+    ``keep_freed_memory`` (CPU) first applies ``adala.runtime.keep_freed_memory`` to this process, as every
+    ``adala`` command does, so large tensors are not page-faulted in anew on every forward; the record's
+    ``settings.allocator`` says what was in effect.
     Modules passed in are moved to ``device``, never modified.
     """
     from .. import linearize, load_teacher
@@ -154,6 +159,10 @@ def bench(
         raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
     if threads is not None:
         torch.set_num_threads(_check_positive(threads, "threads"))
+    if keep_freed_memory and dev.type == "cpu":
+        from ..runtime import keep_freed_memory as keep
+
+        keep()
 
     teacher_kwargs = dict(teacher_kwargs or {})
     teacher_source = None
@@ -197,6 +206,7 @@ def bench(
             "repeats": repeats, "warmup": warmup, "timed_call": "backbone.forward_features (all tokens)",
             "timing": "interleaved rounds (order rotated), median of repeats, after warm-up",
             "memory_method": MEMORY_METHODS[dev.type] if memory else None,
+            "allocator": allocator() if dev.type == "cpu" else "torch CUDA caching allocator",
             "max_load": max_load,
             "compiled_feature_maps": compile_feature_maps,
             "flop_convention": flops_mod.CONVENTION,

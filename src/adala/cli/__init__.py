@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # commands are whole processes: reuse big freed blocks (see adala.runtime)
     try:
         return int(args.func(args) or 0)
     except AdalaError as e:
