@@ -255,10 +255,17 @@ def test_token_sum_layouts():
         assert torch.allclose(token_sum(k), k.sum(1), atol=1e-5)
 
 
-def test_workspace_reuse_across_calls_modes_and_threads():
+@pytest.mark.parametrize("kept", [False, True])
+def test_workspace_reuse_across_calls_modes_and_threads(monkeypatch, kept):
     """The CPU projection workspace is reused: consecutive calls of different sizes, inference mode
-    and plain no-grad, several modules in a row, and concurrent threads must all stay exact."""
+    and plain no-grad, several modules in a row, and concurrent threads must all stay exact. Where the
+    process keeps freed memory (adala.runtime) the projection is a plain tensor and no workspace is held."""
     import threading
+
+    from adala import runtime
+    from adala.attention.kernels import _WORKSPACE
+
+    monkeypatch.setitem(runtime._STATE, "applied", kept)
 
     t = adala.load_teacher("timm:vit_small_patch14_dinov2", pretrained=False, img_size=56, depth=2,
                            embed_dim=64, num_heads=2)
@@ -271,6 +278,7 @@ def test_workspace_reuse_across_calls_modes_and_threads():
             assert torch.allclose(s.forward_features(x), ref, atol=1e-5)
         with torch.no_grad():
             assert torch.allclose(s.forward_features(x), ref, atol=1e-5)
+    assert bool(_WORKSPACE.bufs) is not kept
     errors = []
 
     def work(i):

@@ -42,6 +42,11 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def keeps_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` is in effect in this process."""
+    return bool(_STATE["applied"])
+
+
 def allocator() -> str:
     """How large CPU allocations are served in this process (recorded in benchmark JSON)."""
     return "glibc, freed memory kept (adala.runtime.keep_freed_memory)" if _STATE["applied"] else "system default"

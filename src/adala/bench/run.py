@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.surgery import backbone_of, block_kinds
-from ..runtime import allocator
+from ..runtime import allocator, keeps_freed_memory
 from . import flops as flops_mod
 from .measure import (
     MEMORY_METHODS,
@@ -272,6 +272,8 @@ def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: s
                 recipe = {"error": f"cannot hand the model to a subprocess: {e}"}
         if recipe is not None and run.compile_feature_maps:
             recipe = {**recipe, "compile_feature_maps": True}
+        if recipe is not None and "error" not in recipe and keeps_freed_memory():
+            recipe = {**recipe, "keep_freed_memory": True}
         recipes[name] = recipe
     return recipes
 
