@@ -1,11 +1,13 @@
 """What keeping exact softmax in the K worst blocks buys: probe accuracy and speed for K = 0, 1, 2, 4.
 
-Starts from a finished run of a recipe (default: the demo's, ``runs/demo``): its aligned student
-(``stage2``) is ranked by per-block attention error on held-out photos, the K worst blocks switch back
-to softmax with their own trained q/k/v/proj (no retraining), each hybrid gets the recipe's own linear
-probe (same data, epochs, seed), and all hybrids are benched against the teacher in one interleaved run.
+Starts from a finished run of a recipe (default: the demo's, ``runs/demo``). With ``--after stage1``
+(default, the method's order) the stage-1 student is ranked by per-block attention error on held-out
+photos, its K worst blocks switch back to softmax (with their own q/k/v/proj), and the hybrid goes through
+the recipe's stage 2; with ``--after stage2`` the K blocks are switched inside the finished stage-2
+student, without retraining. Each hybrid gets the recipe's own linear probe (same data, epochs, seed), and
+all are benched against the teacher in one interleaved run.
 
-  python benchmarks/hybrid_k.py --run runs/demo --out runs/hybrid-k [--ks 0,1,2,4] [--resolutions 224,896]
+  python benchmarks/hybrid_k.py --run runs/demo --out runs/hybrid-k [--ks 0,1,2,4] [--after stage1|stage2]
 
 Writes ``hybrid_k.json`` and prints a table.
 """
@@ -21,14 +23,17 @@ import adala
 from adala.bench import bench
 from adala.hybrid import block_errors, choose_softmax_blocks, make_hybrid
 from adala.recipes import load_recipe
-from adala.stages import finetune
+from adala.stages import align_features, finetune
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo", help="output directory of a finished recipe run")
     ap.add_argument("--recipe", default="configs/demo.yaml", help="the recipe that run used")
-    ap.add_argument("--student", default="stage2", help="stage of the run whose student is hybridised")
+    ap.add_argument("--after", choices=("stage1", "stage2"), default="stage1",
+                    help="hybridise the stage-1 student and run stage 2, or swap inside the stage-2 student")
+    ap.add_argument("--stage1", default="stage1", help="the recipe's stage-1 stage name")
+    ap.add_argument("--stage2", default="stage2", help="the recipe's stage-2 stage name")
     ap.add_argument("--probe", default="probe", help="linear-probe stage of the recipe whose settings are reused")
     ap.add_argument("--out", required=True)
     ap.add_argument("--ks", default="0,1,2,4")
@@ -38,20 +43,24 @@ def main(argv: list[str] | None = None) -> int:
 
     run, out = Path(args.run), Path(args.out)
     recipe = load_recipe(args.recipe)
-    probe = next((s for s in recipe.stages if s.name == args.probe), None)
-    if probe is None:
-        sys.exit(f"error: recipe {args.recipe} has no stage {args.probe!r}")
+    stages = {s.name: s for s in recipe.stages}
+    for name in (args.probe, args.stage2):
+        if name not in stages:
+            sys.exit(f"error: recipe {args.recipe} has no stage {name!r}")
+    probe, stage2 = stages[args.probe], stages[args.stage2]
     if recipe.threads:
         import torch
 
         torch.set_num_threads(recipe.threads)
     teacher = adala.load_teacher(recipe.teacher)
-    student = adala.load_model(run / args.student)
+    student = adala.load_model(run / (args.stage1 if args.after == "stage1" else args.stage2))
     errors = block_errors(student, teacher, img_size=recipe.img_size)
     rows, models = [], {}
     for k in (int(x) for x in args.ks.split(",")):
         blocks = choose_softmax_blocks(errors, k)
         hybrid = make_hybrid(student, blocks)
+        if args.after == "stage1":
+            hybrid = align_features(teacher, hybrid, out=out / f"k{k}-stage2", **stage2.options).model
         metrics = finetune(hybrid, out=out / f"k{k}", **probe.options).metrics
         models[f"K={k}"] = hybrid
         rows.append({"k": k, "softmax_blocks": blocks, "probe_top1": metrics.get("top1")})
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"speedup@{c['resolution']}"] = c["speedup"]
     teacher_probe = json.loads((run / "probe_teacher" / "metrics.json").read_text()).get("top1") \
         if (run / "probe_teacher" / "metrics.json").is_file() else None
-    result = {"run": str(run), "student": args.student, "block_errors": errors, "teacher_probe_top1": teacher_probe,
+    result = {"run": str(run), "after": args.after, "block_errors": errors, "teacher_probe_top1": teacher_probe,
               "rows": rows, "bench": record}
     out.mkdir(parents=True, exist_ok=True)
     (out / "hybrid_k.json").write_text(json.dumps(result, indent=2))

@@ -100,6 +100,6 @@ def test_compare_runs_only_what_the_table_needs_of_the_demo_recipe():
     final = _final_student(recipe)
     assert final == "stage2"  # stage 1 -> stage 2, not the ablation's stage 2 straight from linearize
     names = [st.name for st in _needed_stages(recipe.stages, final)]
-    assert {"student", "stage1", "stage2", "fidelity", "probe", "finetune", "segmentation",
+    assert {"student", "stage1", "stage2", "fidelity", "probe", "segmentation",
             "probe_teacher", "seg_teacher"} <= set(names)
     assert not {"stage2_only", "probe_none", "probe_stage1", "seg_stage2_only"} & set(names)

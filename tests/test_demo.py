@@ -26,6 +26,10 @@ stages:
           eval_data: "fashion-mnist:test", eval_length: 40}
   probe_none: {kind: finetune, from: student, task: linear-probe, data: "fashion-mnist:train", length: 60,
                eval_data: "fashion-mnist:test", eval_length: 40}
+  finetune_teacher: {kind: finetune, from: teacher, task: classification, data: "fashion-mnist:train", length: 8,
+                     steps: 2, batch_size: 4, eval_data: "fashion-mnist:test", eval_length: 8}
+  finetune: {kind: finetune, from: stage2, task: classification, data: "fashion-mnist:train", length: 8,
+             steps: 2, batch_size: 4, eval_data: "fashion-mnist:test", eval_length: 8}
   segmentation: {kind: finetune, from: stage2, task: segmentation, head: linear, freeze_backbone: true,
                  data: "fashion-mnist-seg:train", length: 16, epochs: 1, eval_data: "fashion-mnist-seg:test",
                  eval_length: 8}
@@ -55,6 +59,7 @@ def test_short_demo_writes_a_traceable_report(tmp_path):
         assert format(float(value) * src["scale"], src["spec"]) == src["text"]
         assert src["text"] in text
     assert "| none |" in text and "| stage 1 + 2 |" in text and "22.92" in text
+    assert "full fine-tune top-1 (%), 2 steps |" in text  # the step count is read from the run, too
     # the reported numbers are the run's: top-1 of the student probe, from summary.json
     summary = json.loads((out / "summary.json").read_text())
     probe = next(s for s in summary["stages"] if s["name"] == "probe")

@@ -112,7 +112,10 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
         lines.append(f"| {label} | {t} | {s} | {ratio} |")
 
     pair_row("Fashion-MNIST linear probe top-1 (%)", "probe_teacher", "probe", "top1")
-    pair_row("Fashion-MNIST fine-tune top-1 (%)", "finetune_teacher", "finetune", "top1")
+    ft = _metric_path(summary, "finetune", "steps")
+    if ft:  # a CPU-sized fine-tune is short: say how short, next to the number
+        steps = nums.fmt(S, ft, ".0f")
+        pair_row(f"Fashion-MNIST full fine-tune top-1 (%), {steps} steps", "finetune_teacher", "finetune", "top1")
     pair_row("Fashion-MNIST-seg mIoU (%)", "seg_teacher", "segmentation", "miou")
     fp = _metric_path(summary, "fidelity", "fidelity", "final_cosine")
     if fp:
