@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import keeps_freed_memory
+
 DEFAULT_EPS = 1e-6
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]
@@ -128,8 +130,6 @@ def packed_projection(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     The result is only valid until this thread's next call: it is meant for
     ``fused_linear_attention``, which consumes it in place.
     """
-    from ..runtime import keeps_freed_memory
-
     if x.device.type != "cpu" or keeps_freed_memory():
         # the allocator reuses freed blocks already: a fresh tensor is as cheap and, unlike the
         # workspace, is released before the MLP, so it adds nothing to the peak
@@ -197,6 +197,12 @@ def normaliser(q: torch.Tensor, ksum: torch.Tensor, den: torch.Tensor, per_head:
         torch.bmm(q, ksum.unsqueeze(-1), out=den.unsqueeze(-1))
 
 
+# Below this many tokens a batch runs as whole-batch 4-D products: the per-image loop of strided BLAS
+# calls is then dominated by per-call overhead (at 37 tokens and batch 64 it made the student slower
+# than softmax), while the copies matmul makes of the small strided views cost little.
+BATCHED_BELOW_TOKENS = 512
+
+
 def linear_attention(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, eps: float = DEFAULT_EPS
 ) -> torch.Tensor:
@@ -218,10 +224,15 @@ def linear_attention(
         else:
             b, h, n, _ = phi_q.shape
             mem = torch.empty(b, n, h, dv, dtype=acc, device=v.device)
-            num = torch.empty(h, n, dv, dtype=acc, device=v.device)
-            den = torch.empty(h, n, dtype=acc, device=v.device)
-            for i in range(b):  # 3-D products on strided views: no reshape copies of q, k, v
-                _mix_no_grad(phi_q[i], phi_k[i], v[i], mem[i].transpose(0, 1), num, den, eps)
+            if b > 1 and n < BATCHED_BELOW_TOKENS:  # whole-batch products; the division writes (B, N, H, Dv)
+                kv = torch.matmul(phi_k.transpose(-2, -1), v)  # (B, H, D, Dv)
+                den = torch.matmul(phi_q, phi_k.sum(-2).unsqueeze(-1))  # (B, H, N, 1)
+                torch.div(torch.matmul(phi_q, kv), den.add_(eps), out=mem.transpose(1, 2))
+            else:
+                num = torch.empty(h, n, dv, dtype=acc, device=v.device)
+                den = torch.empty(h, n, dtype=acc, device=v.device)
+                for i in range(b):  # 3-D products on strided views: no reshape copies of q, k, v
+                    _mix_no_grad(phi_q[i], phi_k[i], v[i], mem[i].transpose(0, 1), num, den, eps)
             out = mem.transpose(1, 2)
     return out.to(out_dtype)
 
@@ -234,9 +245,9 @@ def fused_linear_attention(
     Overwrites the q and k thirds of ``qkv`` with their features (pass a tensor nobody else reads).
     Requires fp32/fp64 without autocast and no autograd; results equal ``linear_attention`` on
     ``FEATURE_MAPS[feature_map]`` features up to float rounding. Why each step is shaped this way:
-    φ runs once over the contiguous q|k slab; the per-image products read q/k/v as (H, N, D) views
-    with row stride 3·H·D, which BLAS takes as a leading dimension (no copies); the division
-    writes into the (N, H, D) output through a transposed view, so no transpose pass follows.
+    φ runs once over the contiguous q|k slab; the products are ``linear_attention``'s no-grad ones on
+    (B, H, N, D) views with row stride 3·H·D, which BLAS takes as a leading dimension (no copies), and
+    its division writes (B, N, H, D) memory, so the final reshape is a view.
     """
     if torch.is_grad_enabled() and qkv.requires_grad:
         raise RuntimeError("fused_linear_attention is inference-only; use linear_attention for training")
@@ -245,33 +256,9 @@ def fused_linear_attention(
     if width != 3 * a:
         raise ValueError(f"qkv has {width} features, expected 3·{num_heads}·{head_dim}")
     _apply_inplace_feature_map(feature_map, qkv[..., : 2 * a])
-    if b > 1 and n < BATCHED_BELOW_TOKENS:
-        return _mix_batched(qkv, num_heads, head_dim, eps)
-    out = qkv.new_empty(b, n, num_heads, head_dim)
-    num = qkv.new_empty(num_heads, n, head_dim)
-    den = qkv.new_empty(num_heads, n)
-    for i in range(b):
-        t = qkv[i].view(n, 3, num_heads, head_dim)
-        q, k, v = (t[:, j].transpose(0, 1) for j in range(3))  # (H, N, D) strided views
-        _mix_no_grad(q, k, v, out[i].transpose(0, 1), num, den, eps)
-    return out.view(b, n, a)
-
-
-# Below this many tokens a batch runs as whole-batch 4-D products: the per-image loop of strided BLAS
-# calls is then dominated by per-call overhead (at 37 tokens and batch 64 it made the student slower
-# than softmax), while the copies matmul makes of the small strided views cost little.
-BATCHED_BELOW_TOKENS = 512
-
-
-def _mix_batched(qkv: torch.Tensor, num_heads: int, head_dim: int, eps: float) -> torch.Tensor:
-    """Linear attention of packed φq|φk|v ``qkv`` (B, N, 3·H·D) for a whole batch at once -> (B, N, H·D)."""
-    b, n, _ = qkv.shape
     t = qkv.view(b, n, 3, num_heads, head_dim)
-    q, k, v = (t[:, :, j].transpose(1, 2) for j in range(3))  # (B, H, N, D) views
-    kv = torch.matmul(k.transpose(-2, -1), v)  # (B, H, D, D)
-    den = torch.matmul(q, k.sum(-2).unsqueeze(-1))  # (B, H, N, 1)
-    out = torch.matmul(q, kv).div_(den.add_(eps))
-    return out.transpose(1, 2).reshape(b, n, num_heads * head_dim)
+    q, k, v = (t[:, :, j].transpose(1, 2) for j in range(3))  # (B, H, N, D) strided views
+    return linear_attention(q, k, v, eps).transpose(1, 2).reshape(b, n, a)  # a view: written as (B, N, H, D)
 
 
 def fused_linear_attention_proj(

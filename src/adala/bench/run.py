@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.surgery import backbone_of, block_kinds
 from ..runtime import allocator, keeps_freed_memory
+from ..runtime import keep_freed_memory as _keep_freed_memory
 from . import flops as flops_mod
 from .measure import (
     MEMORY_METHODS,
@@ -160,9 +161,7 @@ def bench(
     if threads is not None:
         torch.set_num_threads(_check_positive(threads, "threads"))
     if keep_freed_memory and dev.type == "cpu":
-        from ..runtime import keep_freed_memory as keep
-
-        keep()
+        _keep_freed_memory()
 
     teacher_kwargs = dict(teacher_kwargs or {})
     teacher_source = None
