@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolutions", default="224,448,672,896,1344")
     ap.add_argument("--attention", default="linear-elu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--min-seconds", type=float, default=10.0,
+                    help="time each model at least this long per resolution (224² needs ~70 rounds to see 3 %%)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=None, help="wait until others use fewer cores")
     ap.add_argument("--max-wait", type=float, default=900.0)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     record = bench(
         "dinov2-s14", [args.attention], [int(r) for r in args.resolutions.split(",")], batch_size=1,
         device="cpu", dtype="fp32", repeats=args.repeats, warmup=1, memory=not args.no_memory,
-        train_steps=not args.no_train_steps, train_resolution=224, threads=args.threads,
+        train_steps=not args.no_train_steps, train_resolution=224, threads=args.threads, min_seconds=args.min_seconds,
         max_load=args.max_load, max_wait=args.max_wait, progress=lambda m: print(f"  {m}", flush=True),
     )
     write_json(record, out / "cpu_speedup.json")

@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import adala
 from adala.bench import bench, crossover, model_flops
 from adala.bench.flops import block_flops
+from adala.bench.measure import interleaved
 from adala.cli import main
 from adala.errors import ConfigError
 
@@ -49,6 +51,27 @@ def test_crossover_interpolates_and_reports_edges():
     assert "teacher faster" in crossover([{"resolution": 224, "speedup": 0.9}])["note"]
 
 
+def test_interleaved_rotates_order_and_min_seconds_adds_rounds():
+    """A fake clock: fn 0 takes 0.1 s, fn 1 takes 0.3 s; 2 s in all per fn needs >= 7 rounds of 0.3 s."""
+    now = [0.0]
+    calls: list[int] = []
+
+    def fn(i: int, cost: float):
+        def call():
+            calls.append(i)
+            now[0] += cost
+        return call
+
+    fns = [fn(0, 0.1), fn(1, 0.3)]
+    times = interleaved(fns, torch.device("cpu"), repeats=3, warmup=1, clock=lambda: now[0])
+    assert [len(t) for t in times] == [3, 3] and times[0][0] == pytest.approx(0.1)
+    assert calls[2:] == [0, 1, 1, 0, 0, 1]  # after one warm-up each, the order rotates every round
+    times = interleaved(fns, torch.device("cpu"), repeats=3, warmup=1, clock=lambda: now[0], min_seconds=2.0)
+    assert [len(t) for t in times] == [7, 7] and sum(times[1]) >= 2.0
+    times = interleaved(fns, torch.device("cpu"), repeats=9, warmup=1, clock=lambda: now[0], min_seconds=2.0)
+    assert [len(t) for t in times] == [9, 9]  # repeats stays the floor
+
+
 def test_bench_api_record_has_every_field():
     record = bench(SPEC, ["linear-elu"], resolutions=[112, 56], repeats=2, warmup=1, teacher_kwargs=TINY,
                    memory=False, train_steps=True, train_repeats=1)
@@ -58,6 +81,7 @@ def test_bench_api_record_has_every_field():
     if platform.libc_ver()[0] == "glibc":  # Linux CI: big freed blocks are kept for reuse while timing
         assert s["allocator"].startswith("glibc, freed memory kept")
     assert [m["name"] for m in record["models"]] == ["teacher", "linear-elu"]
+    assert s["min_seconds"] == 0 and all(r["repeats"] == 2 for r in record["results"])
     assert record["models"][1]["block_kinds"] == ["linear-elu", "linear-elu"]
     assert len(record["results"]) == 4
     for row in record["results"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -70,13 +71,21 @@ def timed(fn: Callable[[], Any], device: torch.device, clock: Callable[[], float
 
 def interleaved(
     fns: Sequence[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] = time.perf_counter, min_seconds: float = 0.0,
 ) -> list[list[float]]:
     """Seconds per call for each fn, ``repeats`` rounds, order rotated every round. ``clock`` is
-    wall time; ``time.process_time`` (with one thread) ignores time other processes took the core."""
-    for fn in fns:
+    wall time; ``time.process_time`` (with one thread) ignores time other processes took the core.
+
+    ``min_seconds`` raises the number of rounds until each fn is timed for about that long in all
+    (estimated from the last warm-up call): a 0.1 s forward gets as many samples as the machine's
+    drift needs, while a 20 s one keeps ``repeats`` (like ``timeit``'s autorange)."""
+    last = [0.0 for _ in fns]
+    for i, fn in enumerate(fns):
         for _ in range(warmup):
-            timed(fn, device, clock)
+            last[i] = timed(fn, device, clock)
+    if min_seconds > 0:
+        per_round = max(last) if warmup else timed(fns[0], device, clock)
+        repeats = max(repeats, math.ceil(min_seconds / max(per_round, 1e-9)))
     times: list[list[float]] = [[] for _ in fns]
     k = len(fns)
     for r in range(repeats):
@@ -94,6 +103,7 @@ def summary(seconds: Sequence[float], batch_size: int) -> dict[str, Any]:
         "latency_ms_min": min(seconds) * 1e3,
         "latency_ms_iqr": (q[2] - q[0]) * 1e3,
         "latency_ms_all": [s * 1e3 for s in seconds],
+        "repeats": len(seconds),
         "images_per_s": batch_size / med,
     }
 

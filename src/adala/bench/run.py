@@ -120,6 +120,7 @@ def bench(
     repeats: int = 5,
     warmup: int = 1,
     *,
+    min_seconds: float = 0.0,
     teacher_kwargs: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     keep_softmax: list[int] | None = None,
@@ -143,6 +144,8 @@ def bench(
     (default: the smallest resolution). ``max_load``: before timing each resolution, wait (up to
     ``max_wait`` s) until other processes use fewer CPU cores than this; every result row records
     the cores other processes used while it was timed (``external_load``), quiet or not.
+    ``min_seconds``: time each model at least this long per resolution (more rounds than ``repeats``
+    where a forward is quick, since a 3 % difference at 224² is within one round's drift).
     ``compile_feature_maps`` turns on ``adala.attention.kernels.set_compiled_feature_maps`` for the run.
     ``keep_freed_memory`` (CPU) first applies ``adala.runtime.keep_freed_memory`` to this process, as every
     ``adala`` command does, so large tensors are not page-faulted in anew on every forward; the record's
@@ -156,6 +159,8 @@ def bench(
     check_dtype(dtype)
     _check_positive(batch_size, "batch_size")
     _check_positive(repeats, "repeats")
+    if not isinstance(min_seconds, (int, float)) or min_seconds < 0:
+        raise ConfigError(f"min_seconds must be a non-negative number, got {min_seconds!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
     if threads is not None:
@@ -202,8 +207,10 @@ def bench(
         "settings": {
             "resolutions": resolutions, "batch_size": batch_size, "device": str(dev), "dtype": dtype,
             "precision": "as is" if dtype == "fp32" else f"torch.autocast({dev.type}, {dtype})",
-            "repeats": repeats, "warmup": warmup, "timed_call": "backbone.forward_features (all tokens)",
-            "timing": "interleaved rounds (order rotated), median of repeats, after warm-up",
+            "repeats": repeats, "min_seconds": min_seconds, "warmup": warmup,
+            "timed_call": "backbone.forward_features (all tokens)",
+            "timing": "interleaved rounds (order rotated), median of repeats (more rounds where min_seconds asks), "
+                      "after warm-up",
             "memory_method": MEMORY_METHODS[dev.type] if memory else None,
             "allocator": allocator() if dev.type == "cpu" else "torch CUDA caching allocator",
             "max_load": max_load,
@@ -218,7 +225,7 @@ def bench(
 
     from ..attention.kernels import set_compiled_feature_maps
 
-    run = _Run(dev, dtype, batch_size, repeats, warmup, memory, compile_feature_maps, say)
+    run = _Run(dev, dtype, batch_size, repeats, warmup, memory, compile_feature_maps, say, min_seconds)
     old_compile = set_compiled_feature_maps(compile_feature_maps)
     try:
         with tempfile.TemporaryDirectory(prefix="adala-bench-") as tmp:
@@ -256,6 +263,7 @@ class _Run:
     memory: bool
     compile_feature_maps: bool
     say: Callable[[str], None]
+    min_seconds: float = 0.0
 
 
 def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: str) -> dict[str, dict | None]:
@@ -293,9 +301,10 @@ def _bench_resolution(
         return fn
 
     fns = [call(m) for _, m, _ in models]
-    say(f"{res}px: timing {len(fns)} models x {run.repeats} interleaved repeats")
+    at_least = f" (at least {run.min_seconds:g} s each)" if run.min_seconds else ""
+    say(f"{res}px: timing {len(fns)} models x {run.repeats} interleaved repeats{at_least}")
     probe = ExternalLoad().start()
-    times = interleaved(fns, dev, run.repeats, run.warmup)
+    times = interleaved(fns, dev, run.repeats, run.warmup, min_seconds=run.min_seconds)
     external = probe.stop()
     rows = {}
     for (name, m, _), t, fn in zip(models, times, fns):

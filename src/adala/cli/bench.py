@@ -67,6 +67,7 @@ def _bench(args: argparse.Namespace) -> int:
         keep_softmax=parse_keep(args.keep_softmax), memory=not args.no_memory, train_steps=args.train_steps,
         train_resolution=args.train_resolution, train_repeats=args.train_repeats, threads=args.threads,
         max_load=args.max_load, max_wait=args.max_wait, compile_feature_maps=args.compile,
+        min_seconds=args.min_seconds,
         progress=None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
     )
     write_json(record, args.out)
@@ -94,6 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per model (median reported)")
+    p.add_argument("--min-seconds", type=float, default=0.0, metavar="S",
+                   help="time each model at least S seconds per resolution (more rounds for quick forwards)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per model and resolution")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
