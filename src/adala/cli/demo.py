@@ -19,7 +19,7 @@ def default_config() -> Path:
     raise ConfigError("configs/demo.yaml not found; pass --config")
 
 
-def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int] = (224, 448, 672, 896),
+def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int] = (224, 448, 896),
              repeats: int = 3, memory: bool = True) -> Path:
     """Recipe -> bench (teacher vs the stage-2 student) -> report; returns the report path."""
     from ..bench import bench, write_json
@@ -60,6 +60,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="recipe (default configs/demo.yaml)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="rerun every stage instead of reusing finished ones")
-    p.add_argument("--resolutions", default="224,448,672,896", help="benchmark resolutions")
+    p.add_argument("--resolutions", default="224,448,896", help="benchmark resolutions")
     p.add_argument("--repeats", type=int, default=3, help="benchmark repeats per resolution")
     p.set_defaults(func=_demo)
