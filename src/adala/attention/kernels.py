@@ -230,19 +230,25 @@ def linear_attention(
             nd = phi_q @ _kv_with_sum(phi_k, v)  # (…, N, Dv+1): numerator and normaliser together
             out = nd[..., :dv] / (nd[..., dv:] + eps)
         else:
-            b, h, n, _ = phi_q.shape
-            mem = torch.empty(b, n, h, dv, dtype=acc, device=v.device)
-            if b > 1 and n < BATCHED_BELOW_TOKENS:  # whole-batch products; the division writes (B, N, H, Dv)
-                kv = torch.matmul(phi_k.transpose(-2, -1), v)  # (B, H, D, Dv)
-                den = torch.matmul(phi_q, phi_k.sum(-2).unsqueeze(-1))  # (B, H, N, 1)
-                torch.div(torch.matmul(phi_q, kv), den.add_(eps), out=mem.transpose(1, 2))
-            else:
-                num = torch.empty(h, n, dv, dtype=acc, device=v.device)
-                den = torch.empty(h, n, dtype=acc, device=v.device)
-                for i in range(b):  # 3-D products on strided views: no reshape copies of q, k, v
-                    _mix_no_grad(phi_q[i], phi_k[i], v[i], mem[i].transpose(0, 1), num, den, eps)
-            out = mem.transpose(1, 2)
+            out = _mix_into_tokens(phi_q, phi_k, v, eps).transpose(1, 2)
     return out.to(out_dtype)
+
+
+def _mix_into_tokens(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """No-grad products for (B, H, N, D) views of one float dtype -> (B, N, H, Dv) contiguous memory."""
+    b, h, n, _ = phi_q.shape
+    dv = v.shape[-1]
+    mem = v.new_empty(b, n, h, dv)
+    if b > 1 and n < BATCHED_BELOW_TOKENS:  # whole-batch products; the division writes (B, N, H, Dv)
+        kv = torch.matmul(phi_k.transpose(-2, -1), v)  # (B, H, D, Dv)
+        den = torch.matmul(phi_q, phi_k.sum(-2).unsqueeze(-1))  # (B, H, N, 1)
+        torch.div(torch.matmul(phi_q, kv), den.add_(eps), out=mem.transpose(1, 2))
+    else:
+        num = v.new_empty(h, n, dv)
+        den = v.new_empty(h, n)
+        for i in range(b):  # 3-D products on strided views: no reshape copies of q, k, v
+            _mix_no_grad(phi_q[i], phi_k[i], v[i], mem[i].transpose(0, 1), num, den, eps)
+    return mem
 
 
 def fused_linear_attention(
@@ -264,9 +270,9 @@ def fused_linear_attention(
     if width != 3 * a:
         raise ValueError(f"qkv has {width} features, expected 3·{num_heads}·{head_dim}")
     _apply_inplace_feature_map(feature_map, qkv[..., : 2 * a])
-    t = qkv.view(b, n, 3, num_heads, head_dim)
-    q, k, v = (t[:, :, j].transpose(1, 2) for j in range(3))  # (B, H, N, D) strided views
-    return linear_attention(q, k, v, eps).transpose(1, 2).reshape(b, n, a)  # a view: written as (B, N, H, D)
+    t = qkv.view(b, n, 3, num_heads, head_dim).transpose(1, 3)  # (B, H, 3, N, D) strided view
+    # linear_attention's no-grad products without its dtype/autocast plumbing (about 20 µs a block)
+    return _mix_into_tokens(t[:, :, 0], t[:, :, 1], t[:, :, 2], eps).view(b, n, a)
 
 
 def fused_linear_attention_proj(
