@@ -76,16 +76,17 @@ def interleaved(
     """Seconds per call for each fn, ``repeats`` rounds, order rotated every round. ``clock`` is
     wall time; ``time.process_time`` (with one thread) ignores time other processes took the core.
 
-    ``min_seconds`` raises the number of rounds until each fn is timed for about that long in all
-    (estimated from the last warm-up call): a 0.1 s forward gets as many samples as the machine's
-    drift needs, while a 20 s one keeps ``repeats`` (like ``timeit``'s autorange)."""
+    ``min_seconds`` raises the number of rounds until every fn, the quickest included, is timed for
+    about that long in all (estimated from its last warm-up call): a 0.1 s forward gets as many
+    samples as the machine's drift needs, while a 20 s one keeps ``repeats`` (like ``timeit``'s autorange)."""
     last = [0.0 for _ in fns]
     for i, fn in enumerate(fns):
         for _ in range(warmup):
             last[i] = timed(fn, device, clock)
     if min_seconds > 0:
-        per_round = max(last) if warmup else timed(fns[0], device, clock)
-        repeats = max(repeats, math.ceil(min_seconds / max(per_round, 1e-9)))
+        if not warmup:  # one untimed-for-the-record call each, to size the run
+            last = [timed(fn, device, clock) for fn in fns]
+        repeats = max(repeats, math.ceil(min_seconds / max(min(last), 1e-9)))
     times: list[list[float]] = [[] for _ in fns]
     k = len(fns)
     for r in range(repeats):
