@@ -80,6 +80,25 @@ def test_cli_linearize_writes_a_loadable_dir(tmp_path, capsys):
     assert "22.06M parameters" in capsys.readouterr().out
 
 
+def test_full_disk_is_one_line_naming_the_file_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from adala.models import weights
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(weights, "save_file", full_disk)
+    out = tmp_path / "student"
+    assert main(["linearize", "--teacher", "dinov2-s14", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error" not in err
+    assert "model.safetensors: No space left on device (os error 28)" in err
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["linearize", "--attention", "nope", "--out", "x"], "unknown attention kind"),
     (["linearize", "--teacher", "nope", "--out", "x"], "unknown teacher"),

@@ -45,6 +45,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except OSError as e:
         _silent_unlink(tmp)
         raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
+    except SafetensorError as e:  # safetensors reports a full disk as its own error, not an OSError
+        _silent_unlink(tmp)
+        raise CheckpointError(f"could not write {path}: {str(e).split('I/O error: ')[-1]}") from None
     except BaseException:
         _silent_unlink(tmp)
         raise
