@@ -194,8 +194,9 @@ NORMALISER_PRODUCT_BELOW_TOKENS = 512
 
 
 def normaliser(q: torch.Tensor, ksum: torch.Tensor, den: torch.Tensor, per_head: bool) -> None:
-    """den[h] = q[h] · ksum[h] for q (H, N, D): one BLAS gemv per head on CPU (a batched
-    (N, D)x(D, 1) bmm is several times slower there), one bmm on GPUs (one launch)."""
+    """den[h] = q[h] · ksum[h] for q (H, N, D). On CPU (``per_head``) one multiply and one reduction below
+    NORMALISER_PRODUCT_BELOW_TOKENS, else one BLAS gemv per head (a batched (N, D)x(D, 1) bmm is several
+    times slower there); one bmm on GPUs (one launch)."""
     if per_head and q.shape[1] < NORMALISER_PRODUCT_BELOW_TOKENS:
         torch.sum(q * ksum.unsqueeze(1), dim=-1, out=den)
     elif per_head:

@@ -42,12 +42,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
         _silent_unlink(tmp)
-        raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
-    except SafetensorError as e:  # safetensors reports a full disk as its own error, not an OSError
-        _silent_unlink(tmp)
-        raise CheckpointError(f"could not write {path}: {str(e).split('I/O error: ')[-1]}") from None
+        reason = getattr(e, "strerror", None) or str(e).split("I/O error: ")[-1]
+        raise CheckpointError(f"could not write {path}: {reason}") from None
     except BaseException:
         _silent_unlink(tmp)
         raise
