@@ -169,3 +169,22 @@ def test_keep_freed_memory_can_be_turned_off_from_the_environment():
         env.pop("ADALA_MALLOC")
         on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert on.stdout.split()[:2] == ["True", "True"] and "glibc" in on.stdout
+
+
+def test_sdpa_backend_pins_torch_and_cli_records_it(tmp_path, capsys):
+    from adala.bench.measure import sdpa_backend
+
+    with sdpa_backend("math"):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored afterwards
+    with pytest.raises(ConfigError, match="sdpa backend must be one of"):
+        bench(SPEC, ["linear-elu"], resolutions=[56], teacher_kwargs=TINY, memory=False, sdpa="fast")
+    out = tmp_path / "s.json"
+    rc = main(["bench", "--teacher", SPEC, *TINY_ARGS, "--resolutions", "56", "--repeats", "1", "--no-memory",
+               "--quiet", "--sdpa-backend", "math", "--out", str(out)])
+    assert rc == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["sdpa_backend"] == "math" and settings["cuda_graphs"] is False
+    rc = main(["bench", "--teacher", SPEC, *TINY_ARGS, "--cuda-graphs", "--out", str(out)])
+    assert rc == 2
+    assert "cuda_graphs needs --device cuda" in capsys.readouterr().err

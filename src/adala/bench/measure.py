@@ -56,6 +56,38 @@ def precision(device: torch.device, dtype: str) -> Iterator[None]:
             yield
 
 
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager:
+    """Pin torch SDPA to one backend (the softmax teacher's kernel); None leaves torch's choice."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "math": "MATH"}
+    if name not in names:
+        raise ConfigError(f"sdpa backend must be one of {', '.join(SDPA_BACKENDS)}, got {name!r}")
+    return sdpa_kernel(getattr(SDPBackend, names[name]))
+
+
+def cuda_graphed(fn: Callable[[], Any], device: torch.device, warmup: int = 2) -> Callable[[], None]:
+    """``fn`` captured once as a CUDA graph; the returned call replays it. At batch 1 a ViT forward
+    is hundreds of small launches, so eager timings measure the CPU's launch rate as much as the
+    kernels; a graph (how latency-bound serving runs) leaves the GPU time."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -30,9 +30,11 @@ from .measure import (
     ExternalLoad,
     check_device,
     check_dtype,
+    cuda_graphed,
     cuda_peak_memory,
     interleaved,
     precision,
+    sdpa_backend,
     subprocess_peak_rss,
     summary,
     wait_for_quiet,
@@ -133,6 +135,8 @@ def bench(
     max_wait: float = 600.0,
     compile_feature_maps: bool = False,
     keep_freed_memory: bool = True,
+    sdpa: str | None = None,
+    cuda_graphs: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark a teacher against students and return the full record (see module docstring).
@@ -146,6 +150,10 @@ def bench(
     the cores other processes used while it was timed (``external_load``), quiet or not.
     ``min_seconds``: time each model at least this long per resolution (more rounds than ``repeats``
     where a forward is quick, since a 3 % difference at 224² is within one round's drift).
+    ``sdpa`` pins torch SDPA's backend for every timed call ("flash", "efficient", "cudnn", "math";
+    None: torch's choice). ``cuda_graphs`` (CUDA) times each model's forward replayed from a CUDA
+    graph captured after warm-up, so launch overhead drops out for every model alike; memory is
+    still measured on an eager call.
     ``compile_feature_maps`` turns on ``adala.attention.kernels.set_compiled_feature_maps`` for the run.
     ``keep_freed_memory`` (CPU) first applies ``adala.runtime.keep_freed_memory`` to this process, as every
     ``adala`` command does, so large tensors are not page-faulted in anew on every forward; the record's
@@ -163,6 +171,12 @@ def bench(
         raise ConfigError(f"min_seconds must be a non-negative number, got {min_seconds!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if cuda_graphs and dev.type != "cuda":
+        raise ConfigError("cuda_graphs needs --device cuda")
+    with sdpa_backend(sdpa):  # checks the name before anything is loaded
+        pass
+    if sdpa == "flash" and dev.type == "cuda" and dtype == "fp32":
+        raise ConfigError("SDPA's flash backend runs bf16/fp16 only on CUDA; pass --dtype bf16 or fp16")
     if threads is not None:
         torch.set_num_threads(_check_positive(threads, "threads"))
     if keep_freed_memory and dev.type == "cpu":
@@ -214,6 +228,8 @@ def bench(
             "memory_method": MEMORY_METHODS[dev.type] if memory else None,
             "allocator": allocator() if dev.type == "cpu" else "torch CUDA caching allocator",
             "max_load": max_load,
+            "sdpa_backend": sdpa or "torch's choice",
+            "cuda_graphs": cuda_graphs,
             "compiled_feature_maps": compile_feature_maps,
             "flop_convention": flops_mod.CONVENTION,
             "flop_note": flops_mod.EXECUTION_NOTE,
@@ -225,7 +241,8 @@ def bench(
 
     from ..attention.kernels import set_compiled_feature_maps
 
-    run = _Run(dev, dtype, batch_size, repeats, warmup, memory, compile_feature_maps, say, min_seconds)
+    run = _Run(dev, dtype, batch_size, repeats, warmup, memory, compile_feature_maps, say, min_seconds, sdpa,
+               cuda_graphs)
     old_compile = set_compiled_feature_maps(compile_feature_maps)
     try:
         with tempfile.TemporaryDirectory(prefix="adala-bench-") as tmp:
@@ -264,6 +281,8 @@ class _Run:
     compile_feature_maps: bool
     say: Callable[[str], None]
     min_seconds: float = 0.0
+    sdpa: str | None = None
+    cuda_graphs: bool = False
 
 
 def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: str) -> dict[str, dict | None]:
@@ -295,16 +314,19 @@ def _bench_resolution(
         vit = backbone_of(m)
 
         def fn() -> Any:
-            with torch.inference_mode(), precision(dev, dtype):
+            with torch.inference_mode(), precision(dev, dtype), sdpa_backend(run.sdpa):
                 return vit.forward_features(x)
 
         return fn
 
     fns = [call(m) for _, m, _ in models]
+    timed_fns = [cuda_graphed(fn, dev) for fn in fns] if run.cuda_graphs else fns
     at_least = f" (at least {run.min_seconds:g} s each)" if run.min_seconds else ""
-    say(f"{res}px: timing {len(fns)} models x {run.repeats} interleaved repeats{at_least}")
+    graphs = " from CUDA graphs" if run.cuda_graphs else ""
+    say(f"{res}px: timing {len(fns)} models x {run.repeats} interleaved repeats{graphs}{at_least}")
     probe = ExternalLoad().start()
-    times = interleaved(fns, dev, run.repeats, run.warmup, min_seconds=run.min_seconds)
+    times = interleaved(timed_fns, dev, run.repeats, run.warmup, min_seconds=run.min_seconds)
+    del timed_fns  # the graphs' memory pools go before the memory measurement
     external = probe.stop()
     rows = {}
     for (name, m, _), t, fn in zip(models, times, fns):

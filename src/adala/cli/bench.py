@@ -67,7 +67,7 @@ def _bench(args: argparse.Namespace) -> int:
         keep_softmax=parse_keep(args.keep_softmax), memory=not args.no_memory, train_steps=args.train_steps,
         train_resolution=args.train_resolution, train_repeats=args.train_repeats, threads=args.threads,
         max_load=args.max_load, max_wait=args.max_wait, compile_feature_maps=args.compile,
-        min_seconds=args.min_seconds,
+        min_seconds=args.min_seconds, sdpa=args.sdpa_backend, cuda_graphs=args.cuda_graphs,
         progress=None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
     )
     write_json(record, args.out)
@@ -94,6 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--sdpa-backend", default=None, choices=["flash", "efficient", "cudnn", "math"],
+                   help="pin the softmax teacher's torch SDPA backend (default: torch's choice)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time forwards replayed from CUDA graphs (no launch overhead; every model alike)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per model (median reported)")
     p.add_argument("--min-seconds", type=float, default=0.0, metavar="S",
                    help="time each model at least S seconds per resolution (more rounds for quick forwards)")

@@ -1,0 +1,155 @@
+"""The GPU speed-up table: DINOv2-L/14 (softmax through SDPA's flash backend) vs linear-elu, bf16, batch 1.
+
+Students: ``linear-elu`` (the Triton kernels, what ``kernel="auto"`` takes on CUDA) and
+``linear-elu-torch`` (``kernel="torch"``: plain torch ops, the before). Three runs, each interleaved:
+
+- eager: what a plain PyTorch loop gets, launch overhead included;
+- graphs: every forward replayed from a CUDA graph, so launch overhead drops out for all models alike;
+- math: the teacher with SDPA's math backend (N×N scores materialised), for the memory story.
+
+Resolutions 252/504/1022/2044 are what a patch-14 model sees of 256/512/1024/2048² images (timm's
+patch conv drops the remainder: 18², 36², 73², 146² patches). Random weights by default (speed does
+not depend on them; the GPU machines have no hub access); ``--pretrained`` loads the hub's.
+Targets (issue #5): >= 1.0x @256², >= 1.6x @512², >= 3.0x @1024², >= 60 % less peak memory @1024².
+Writes gpu_speedup.json and gpu_speedup_{eager,graphs}.png under --out.
+
+  python benchmarks/gpu_speedup.py --out out/gpu [--teacher timm:vit_large_patch14_dinov2] [--min-seconds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import adala
+from adala.bench import bench, plot_bench, write_json
+
+TARGET_SPEEDUP = {252: 1.0, 504: 1.6, 1022: 3.0}
+TARGET_MEMORY_CUT = {1022: 0.60}
+
+
+def table(record: dict, title: str) -> str:
+    res = {(r["resolution"], r["model"]): r for r in record["results"]}
+    head = (f"{'res':>5} {'tokens':>6} {'student':<17} {'teacher ms':>10} {'student ms':>10} {'speed-up':>8} "
+            f"{'bound':>6} {'of bound':>8} {'act. MiB T/S':>13} {'mem cut':>7} {'target':>7}")
+    lines = [title, head, "-" * len(head)]
+    for c in record["comparisons"]:
+        t, s = res[(c["resolution"], "teacher")], res[(c["resolution"], c["student"])]
+        mem = cut = "-"
+        if t["peak_memory_mb"] and s["peak_memory_mb"]:
+            mem = f"{t['peak_memory_mb']:.0f}/{s['peak_memory_mb']:.0f}"
+            cut = f"{100 * (1 - s['peak_memory_mb'] / t['peak_memory_mb']):.0f}%"
+        target = TARGET_SPEEDUP.get(c["resolution"])
+        ok = "-" if target is None else ("ok" if c["speedup"] >= target else "MISS")
+        lines.append(
+            f"{c['resolution']:>5} {c['tokens']:>6} {c['student']:<17} {t['latency_ms']:>10.2f} "
+            f"{s['latency_ms']:>10.2f} {c['speedup']:>7.2f}x {c['flop_bound']:>5.2f}x "
+            f"{100 * c['fraction_of_bound']:>7.0f}% {mem:>13} {cut:>7} {ok:>7}"
+        )
+    return "\n".join(lines)
+
+
+def agreement(teacher: torch.nn.Module, students: dict, res: int) -> dict:
+    """Triton vs torch path on one image, bf16 autocast, and each against the torch path in fp32."""
+    x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(1)).cuda()
+    outs = {}
+    with torch.inference_mode():
+        for name, m in students.items():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                outs[name] = m.forward_features(x).float()
+        ref32 = students["linear-elu-torch"].forward_features(x).float()
+        fast32 = students["linear-elu"].forward_features(x).float()
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    return {"resolution": res, "bf16_triton_vs_bf16_torch": rel(outs["linear-elu"], outs["linear-elu-torch"]),
+            "bf16_triton_vs_fp32_torch": rel(outs["linear-elu"], ref32),
+            "bf16_torch_vs_fp32_torch": rel(outs["linear-elu-torch"], ref32),
+            "fp32_triton_vs_fp32_torch": rel(fast32, ref32)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--teacher", default="timm:vit_large_patch14_dinov2")
+    ap.add_argument("--pretrained", action="store_true", help="hub weights (needs the network)")
+    ap.add_argument("--resolutions", default="252,504,1022,2044")
+    ap.add_argument("--math-resolutions", default="252,504,1022,2044")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--min-seconds", type=float, default=2.0)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma-separated runs to skip: eager,graphs,math,train,agree")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_speedup: no CUDA device", file=sys.stderr)
+        return 2
+    skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolutions = [int(r) for r in args.resolutions.split(",")]
+    say = lambda m: print(f"  {m}", file=sys.stderr, flush=True)  # noqa: E731
+
+    t0 = time.time()
+    teacher = adala.load_teacher(args.teacher, pretrained=args.pretrained).cuda()
+    students = {"linear-elu": adala.linearize(teacher, "linear-elu").eval(),
+                "linear-elu-torch": adala.linearize(teacher, "linear-elu", kernel="torch").eval()}
+    weights_mb = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
+    result: dict = {"teacher": args.teacher, "pretrained": args.pretrained, "weights_mb": weights_mb,
+                    "device": torch.cuda.get_device_name(), "build_s": time.time() - t0}
+    common = dict(batch_size=1, device="cuda", dtype=args.dtype, repeats=5, warmup=2, progress=say)
+    for run, kw in (("eager", dict(sdpa="flash", min_seconds=args.min_seconds)),
+                    ("graphs", dict(sdpa="flash", min_seconds=args.min_seconds, cuda_graphs=True))):
+        if run in skip:
+            continue
+        t = time.time()
+        try:
+            rec = bench(teacher, students, resolutions, **common, **kw)
+        except Exception as e:  # noqa: BLE001 - keep what the other runs measure
+            result[run] = {"error": repr(e)}
+            print(f"{run} run failed:", repr(e), flush=True)
+            continue
+        rec["wall_s"] = time.time() - t
+        result[run] = rec
+        print(table(rec, f"{run}: {result['device']}, {args.teacher}, {args.dtype}, batch 1, SDPA flash"), flush=True)
+        plot_bench(rec, out / f"gpu_speedup_{run}.png")
+        write_json(result, out / "gpu_speedup.json")
+    if "agree" not in skip:
+        result["agreement"] = agreement(teacher, students, 504)
+        print("agreement:", result["agreement"], flush=True)
+    if "train" not in skip:
+        from adala.bench.train import train_throughput
+
+        try:
+            result["train_steps"] = train_throughput(teacher, {"linear-elu": students["linear-elu"]}, 252,
+                                                     args.train_batch, torch.device("cuda"), args.dtype, 5, 2)
+            for stage in ("stage1", "stage2"):
+                for row in result["train_steps"][stage]:
+                    print(f"train {stage}: {row['steps_per_s']:.2f} steps/s ({row['images_per_s']:.1f} img/s) "
+                          f"at 252px, batch {args.train_batch}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the forward tables are the point; report and go on
+            result["train_steps"] = {"error": repr(e)}
+            print("train steps failed:", repr(e), flush=True)
+    if "math" not in skip:  # last: N×N scores at 2044² need tens of GB, an OOM must not cost the rest
+        t = time.time()
+        try:
+            rec = bench(teacher, {"linear-elu": students["linear-elu"]},
+                        [int(r) for r in args.math_resolutions.split(",")],
+                        **{**common, "repeats": 2, "warmup": 1}, sdpa="math")
+            rec["wall_s"] = time.time() - t
+            result["math"] = rec
+            print(table(rec, "math: teacher through SDPA's math backend (N×N scores in memory)"), flush=True)
+        except Exception as e:  # noqa: BLE001
+            result["math"] = {"error": repr(e)}
+            print("math run failed:", repr(e), flush=True)
+    write_json(result, out / "gpu_speedup.json")
+    print(f"wrote {out / 'gpu_speedup.json'} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
