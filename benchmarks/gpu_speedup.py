@@ -53,24 +53,57 @@ def table(record: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def agreement(teacher: torch.nn.Module, students: dict, res: int) -> dict:
-    """Triton vs torch path on one image, bf16 autocast, and each against the torch path in fp32."""
-    x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(1)).cuda()
-    outs = {}
+def agreement(students: dict, tokens: int) -> dict:
+    """One attention module, Triton vs torch path vs float64, on a random (1, N, C) input: the model-level
+    outputs of a random-weight DINOv2 hide attention (its LayerScale starts at 1e-5)."""
+    fast, ref = students["linear-elu"].blocks[0].attn, students["linear-elu-torch"].blocks[0].attn
+    x = torch.randn(1, tokens, fast.qkv.in_features, generator=torch.Generator().manual_seed(1)).cuda()
     with torch.inference_mode():
-        for name, m in students.items():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                outs[name] = m.forward_features(x).float()
-        ref32 = students["linear-elu-torch"].forward_features(x).float()
-        fast32 = students["linear-elu"].forward_features(x).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fast16, ref16 = fast(x).double(), ref(x).double()
+        fast32 = fast(x).double()
+        qkv = torch.nn.functional.linear(x.double(), ref.qkv.weight.double(), ref.qkv.bias.double())
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, 3, ref.num_heads, ref.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+        mixed = (q @ (k.transpose(-2, -1) @ v)) / (q @ k.sum(-2).unsqueeze(-1) + ref.eps)
+        want = torch.nn.functional.linear(mixed.transpose(1, 2).reshape(b, n, -1), ref.proj.weight.double(),
+                                          ref.proj.bias.double())
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    return {"resolution": res, "bf16_triton_vs_bf16_torch": rel(outs["linear-elu"], outs["linear-elu-torch"]),
-            "bf16_triton_vs_fp32_torch": rel(outs["linear-elu"], ref32),
-            "bf16_torch_vs_fp32_torch": rel(outs["linear-elu-torch"], ref32),
-            "fp32_triton_vs_fp32_torch": rel(fast32, ref32)}
+    return {"tokens": tokens, "bf16_triton_vs_float64": rel(fast16, want), "bf16_torch_vs_float64": rel(ref16, want),
+            "fp32_triton_vs_float64": rel(fast32, want)}
+
+
+def profile(models: dict, res: int, dtype: torch.dtype, rows: int = 12) -> str:
+    """Where a forward's GPU time goes: torch.profiler's top kernels per model, one eager forward."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from adala.bench.measure import sdpa_backend
+
+    x = torch.randn(1, 3, res, res, device="cuda")
+    parts = []
+    for name, m in models.items():
+        def fwd(m=m):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype), sdpa_backend("flash"):
+                m.forward_features(x)
+
+        for _ in range(3):
+            fwd()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fwd()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        try:
+            text = events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+        except Exception:  # noqa: BLE001 - newer torch names the column after "device"
+            text = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+        parts.append(f"== {name} @ {res}px ==\n{text}")
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--min-seconds", type=float, default=2.0)
     ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--profile", default="", help="comma-separated resolutions to profile (top kernels)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its algorithms (the patch-embedding conv) for every input size")
     ap.add_argument("--skip", default="", help="comma-separated runs to skip: eager,graphs,math,train,agree")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -92,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     resolutions = [int(r) for r in args.resolutions.split(",")]
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     say = lambda m: print(f"  {m}", file=sys.stderr, flush=True)  # noqa: E731
 
     t0 = time.time()
@@ -100,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 "linear-elu-torch": adala.linearize(teacher, "linear-elu", kernel="torch").eval()}
     weights_mb = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
     result: dict = {"teacher": args.teacher, "pretrained": args.pretrained, "weights_mb": weights_mb,
-                    "device": torch.cuda.get_device_name(), "build_s": time.time() - t0}
+                    "device": torch.cuda.get_device_name(), "build_s": time.time() - t0,
+                    "cudnn_benchmark": args.cudnn_benchmark}
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    for res in filter(None, args.profile.split(",")):
+        print(profile({"teacher": teacher, **students}, int(res), dt), flush=True)
     common = dict(batch_size=1, device="cuda", dtype=args.dtype, repeats=5, warmup=2, progress=say)
     for run, kw in (("eager", dict(sdpa="flash", min_seconds=args.min_seconds)),
                     ("graphs", dict(sdpa="flash", min_seconds=args.min_seconds, cuda_graphs=True))):
@@ -119,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_bench(rec, out / f"gpu_speedup_{run}.png")
         write_json(result, out / "gpu_speedup.json")
     if "agree" not in skip:
-        result["agreement"] = agreement(teacher, students, 504)
+        result["agreement"] = agreement(students, 5330)
         print("agreement:", result["agreement"], flush=True)
     if "train" not in skip:
         from adala.bench.train import train_throughput
