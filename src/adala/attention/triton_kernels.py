@@ -114,12 +114,14 @@ def _block(head_dim: int) -> int:
 
 def linear_attention_triton(
     qkv: torch.Tensor, num_heads: int, head_dim: int, feature_map: str = "elu", eps: float = 1e-6,
-    splits: int | None = None,
+    splits: int | None = None, block: int | None = None, num_warps: int = 4, num_stages: int | None = None,
 ) -> torch.Tensor:
     """φq (φkᵀ v) / (φq · Σφk + eps) from the packed projection ``qkv`` (B, N, 3·H·D) -> (B, N, H·D).
 
     Inference only (no autograd); ``qkv`` is read, never written. ``splits`` (tests) overrides how
-    many programs share one head's tokens. Requires ``supports(...)`` and a unit stride on the last dim.
+    many programs share one head's tokens; ``block`` (tokens per tile), ``num_warps`` and ``num_stages``
+    are launch settings for tuning (``benchmarks/triton_tune.py``). Requires ``supports(...)`` and a
+    unit stride on the last dim.
     """
     if not supports(qkv.device, qkv.dtype, head_dim, feature_map) or qkv.dim() != 3 or qkv.stride(-1) != 1:
         raise ValueError(f"the triton kernels do not take this qkv ({qkv.device}, {qkv.dtype}, head_dim "
@@ -128,7 +130,8 @@ def linear_attention_triton(
     a = num_heads * head_dim
     if width != 3 * a:
         raise ValueError(f"qkv has {width} features, expected 3·{num_heads}·{head_dim}")
-    block = _block(head_dim)
+    block = block or _block(head_dim)
+    launch = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
     tiles = -(-n // block)
     if splits is None:
         splits = max(1, -(-2 * _sm_count(qkv.device) // (b * num_heads)))
@@ -140,12 +143,12 @@ def linear_attention_triton(
     state = torch.empty(b * num_heads, splits, d2, device=qkv.device, dtype=torch.float32)
     _state_kernel[(b * num_heads, splits)](
         qkv, state, n, qkv.stride(0), qkv.stride(1), per_split, splits,
-        H=num_heads, D=head_dim, A=a, BLOCK=block, FMAP=fmap, PREC=prec,
+        H=num_heads, D=head_dim, A=a, BLOCK=block, FMAP=fmap, PREC=prec, **launch,
     )
     state = state.sum(1) if splits > 1 else state.view(b * num_heads, d2)
     out = torch.empty(b, n, a, device=qkv.device, dtype=qkv.dtype)
     _output_kernel[(b * num_heads, tiles)](
         qkv, state, out, n, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), float(eps),
-        H=num_heads, D=head_dim, A=a, BLOCK=block, FMAP=fmap, PREC=prec,
+        H=num_heads, D=head_dim, A=a, BLOCK=block, FMAP=fmap, PREC=prec, **launch,
     )
     return out

@@ -81,10 +81,9 @@ def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         ) from None
     # DINOv2 checkpoints were trained with antialias-free position resampling.
     antialias = "dinov2" not in name
-    if not antialias:
-        from .pos_embed import disable_pos_embed_antialias
+    from .pos_embed import use_cached_pos_embed
 
-        disable_pos_embed_antialias(model)
+    use_cached_pos_embed(model, antialias)
     arch = model.default_cfg.get("architecture", base) if hasattr(model, "default_cfg") else base
     return set_config(model, teacher_config(arch, kw, f"timm:{name}", model, antialias))
 
