@@ -70,7 +70,10 @@ def _pos_embed(self: VisionTransformer, x: torch.Tensor, antialias: bool) -> tor
 
 
 def use_cached_pos_embed(model: VisionTransformer, antialias: bool = True) -> VisionTransformer:
-    """Install the cached resampling on ``model``; ``antialias=False`` is DINOv2's interpolation."""
+    """Install the cached resampling on ``model``; ``antialias=False`` is DINOv2's interpolation.
+    Subclasses with their own token layout (DeiT's distillation token) keep timm's method as is."""
+    if antialias and type(model)._pos_embed is not VisionTransformer._pos_embed:
+        return model
     model._pos_embed = types.MethodType(functools.partial(_pos_embed, antialias=antialias), model)
     return model
 
