@@ -41,8 +41,9 @@ class LinearAttention(KernelAttention):
     feature_map_name = "elu"
 
     def __init__(self, attn: nn.Module, eps: float = DEFAULT_EPS, kernel: str = "auto", **options: Any) -> None:
-        """``kernel``: "auto" takes the fastest exact path for the call (Triton on CUDA inference);
-        "torch" keeps to plain torch ops everywhere (the reference for benchmarks and debugging)."""
+        """``kernel``: "auto" takes the fastest exact path for the call (Triton on CUDA inference, the
+        fused torch kernel on CPU); "torch" always takes the generic ``mix`` path (the reference for
+        benchmarks and debugging)."""
         if kernel not in KERNELS:
             from ..errors import ConfigError
 
@@ -73,10 +74,10 @@ class LinearAttention(KernelAttention):
         )
 
     def can_fuse(self, x: torch.Tensor) -> bool:
-        """The CPU fused path overwrites the qkv projection in place: fp32/fp64 and no autocast."""
+        """The torch fused path (CPU, or CUDA without triton) overwrites the qkv projection in place:
+        fp32/fp64 and no autocast."""
         return (
-            x.device.type == "cpu"
-            and x.dtype in _FUSED_DTYPES
+            x.dtype in _FUSED_DTYPES
             and not torch.is_autocast_enabled(x.device.type)
             and self._plain_inference(x)
         )
