@@ -43,8 +43,12 @@ def table(record: dict, title: str) -> str:
         if t["peak_memory_mb"] and s["peak_memory_mb"]:
             mem = f"{t['peak_memory_mb']:.0f}/{s['peak_memory_mb']:.0f}"
             cut = f"{100 * (1 - s['peak_memory_mb'] / t['peak_memory_mb']):.0f}%"
-        target = TARGET_SPEEDUP.get(c["resolution"])
-        ok = "-" if target is None else ("ok" if c["speedup"] >= target else "MISS")
+        target, cut_target = TARGET_SPEEDUP.get(c["resolution"]), TARGET_MEMORY_CUT.get(c["resolution"])
+        met = target is None or c["speedup"] >= target
+        if cut_target is not None:
+            met = met and bool(t["peak_memory_mb"] and s["peak_memory_mb"]
+                               and 1 - s["peak_memory_mb"] / t["peak_memory_mb"] >= cut_target)
+        ok = "-" if target is None and cut_target is None else ("ok" if met else "MISS")
         lines.append(
             f"{c['resolution']:>5} {c['tokens']:>6} {c['student']:<17} {t['latency_ms']:>10.2f} "
             f"{s['latency_ms']:>10.2f} {c['speedup']:>7.2f}x {c['flop_bound']:>5.2f}x "

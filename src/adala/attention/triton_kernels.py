@@ -1,8 +1,9 @@
 """Triton kernels for inference linear attention on CUDA, read straight from the packed qkv projection.
 
 Why: on a GPU at batch 1 the plain-torch path costs about a dozen launches and fp32 copies of q, k
-and v per block (φ, casts, two bmm, a sum, a division, a layout copy), which loses to one flash
-launch below ~512². Here a block costs three launches and no N-sized temporary besides its output:
+and v per block (φ, casts, two bmm, a sum, a division, a layout copy): DINOv2-L with it runs at 0.74×
+the flash teacher at 256² and 1.06× at 1024² on an H200, against 0.998× and 1.84× with these kernels.
+Here a block costs three launches and no N-sized temporary besides its output:
 
 1. ``_state_kernel``: grid (B·H, S). Each program applies φ to a run of key tiles in registers and
    accumulates its partial [φkᵀv | Σφk] (D×D + D) in fp32; S splits of the tokens keep every SM busy

@@ -56,20 +56,23 @@ def precision(device: torch.device, dtype: str) -> Iterator[None]:
             yield
 
 
-SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def check_sdpa_backend(name: str | None) -> str | None:
+    if name is not None and name not in SDPA_BACKENDS:
+        raise ConfigError(f"sdpa backend must be one of {', '.join(SDPA_BACKENDS)}, got {name!r}")
+    return name
 
 
 def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager:
     """Pin torch SDPA to one backend (the softmax teacher's kernel); None leaves torch's choice."""
-    if name is None:
+    if check_sdpa_backend(name) is None:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-             "math": "MATH"}
-    if name not in names:
-        raise ConfigError(f"sdpa backend must be one of {', '.join(SDPA_BACKENDS)}, got {name!r}")
-    return sdpa_kernel(getattr(SDPBackend, names[name]))
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
 def cuda_graphed(fn: Callable[[], Any], device: torch.device, warmup: int = 2) -> Callable[[], None]:

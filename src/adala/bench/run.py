@@ -30,6 +30,7 @@ from .measure import (
     ExternalLoad,
     check_device,
     check_dtype,
+    check_sdpa_backend,
     cuda_graphed,
     cuda_peak_memory,
     interleaved,
@@ -173,8 +174,7 @@ def bench(
         raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
     if cuda_graphs and dev.type != "cuda":
         raise ConfigError("cuda_graphs needs --device cuda")
-    with sdpa_backend(sdpa):  # checks the name before anything is loaded
-        pass
+    check_sdpa_backend(sdpa)
     if sdpa == "flash" and dev.type == "cuda" and dtype == "fp32":
         raise ConfigError("SDPA's flash backend runs bf16/fp16 only on CUDA; pass --dtype bf16 or fp16")
     if threads is not None:
