@@ -12,7 +12,6 @@ plain timm ``VisionTransformer`` (isinstance, forward_features, state dict) and 
 
 from __future__ import annotations
 
-import functools
 import types
 import weakref
 
@@ -51,11 +50,11 @@ def resampled_pos_embed(model: VisionTransformer, h: int, w: int, antialias: boo
     return got
 
 
-def _pos_embed(self: VisionTransformer, x: torch.Tensor, antialias: bool) -> torch.Tensor:
+def _pos_embed(self: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     if not (self.dynamic_img_size and self.pos_embed is not None and x.ndim == 4):
         return VisionTransformer._pos_embed(self, x)
     b, h, w, c = x.shape
-    pos_embed = resampled_pos_embed(self, h, w, antialias)
+    pos_embed = resampled_pos_embed(self, h, w, self.pos_embed_antialias)
     x = x.view(b, -1, c)
     prefix = []
     if self.cls_token is not None:
@@ -74,9 +73,6 @@ def use_cached_pos_embed(model: VisionTransformer, antialias: bool = True) -> Vi
     Subclasses with their own token layout (DeiT's distillation token) keep timm's method as is."""
     if antialias and type(model)._pos_embed is not VisionTransformer._pos_embed:
         return model
-    model._pos_embed = types.MethodType(functools.partial(_pos_embed, antialias=antialias), model)
+    model.pos_embed_antialias = antialias
+    model._pos_embed = types.MethodType(_pos_embed, model)
     return model
-
-
-def disable_pos_embed_antialias(model: VisionTransformer) -> VisionTransformer:
-    return use_cached_pos_embed(model, antialias=False)
