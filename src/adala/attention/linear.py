@@ -48,7 +48,7 @@ class LinearAttention(KernelAttention):
             from ..errors import ConfigError
 
             raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        super().__init__(attn, eps=eps, **({"kernel": kernel} if kernel != "auto" else {}), **options)
+        super().__init__(attn, eps=eps, kernel=kernel, **options)
         self.eps = float(eps)
         self.kernel = kernel
         self.feature_map = FEATURE_MAPS[self.feature_map_name]
