@@ -10,12 +10,13 @@ import torch
 from ..errors import DataError
 from .base import TASKS
 
-SPEC_FORMS = "photos, fashion-mnist[:train|:test], fashion-mnist-seg[:train|:test], folder:PATH, wds:PATTERN"
+SPEC_FORMS = ("photos[:train|:heldout], wallpapers[:train|:heldout], heldout, fashion-mnist[:train|:test], "
+              "fashion-mnist-seg[:train|:test], folder:PATH, wds:PATTERN")
 _PHOTO_SPLITS = {"train": False, "heldout": True, "test": True, "val": True}
 
 
 class Spec(NamedTuple):
-    kind: str  # photos | fashion-mnist | fashion-mnist-seg | folder | wds
+    kind: str  # photos | wallpapers | heldout | fashion-mnist | fashion-mnist-seg | folder | wds
     arg: str | None  # split for the built-ins, PATH / PATTERN for folder / wds
 
 
@@ -30,8 +31,10 @@ def parse_spec(spec: str) -> Spec:
             what = "PATH" if kind == "folder" else "PATTERN"
             raise DataError(f"{kind}: needs a {what} (e.g. {kind}:/data/x)")
         return Spec(kind, arg.strip())
-    if kind == "photos" and (not sep or arg.lower() in _PHOTO_SPLITS):
+    if kind in ("photos", "wallpapers") and (not sep or arg.lower() in _PHOTO_SPLITS):
         return Spec(kind, arg.lower() or None)
+    if kind == "heldout" and not sep:
+        return Spec(kind, "heldout")
     if kind in ("fashion-mnist", "fashion-mnist-seg") and (not sep or arg.lower() in ("train", "test")):
         return Spec(kind, arg.lower() or None)
     raise DataError(f"unknown data spec {spec!r}; expected one of: {SPEC_FORMS}")
@@ -71,15 +74,16 @@ def build_dataset(
     mean_t, std_t = _check_args(task, img_size, mean, std)
     kind, arg = parse_spec(spec)
     common = dict(img_size=img_size, mean=mean_t, std=std_t, seed=seed, length=length)
-    if kind == "photos":
+    if kind in ("photos", "wallpapers", "heldout"):
         if task != "unlabeled":
-            raise DataError(f"photos has no labels; use task='unlabeled' (got {task!r})")
+            raise DataError(f"{kind} has no labels; use task='unlabeled' (got {task!r})")
         chosen = (arg or split or "").lower()
         if chosen and chosen not in _PHOTO_SPLITS:
-            raise DataError(f"unknown photos split {chosen!r}; use train or heldout")
+            raise DataError(f"unknown {kind} split {chosen!r}; use train or heldout")
         from .photos import PhotosDataset
 
-        return PhotosDataset(heldout=(not train) or _PHOTO_SPLITS.get(chosen, False), **common)
+        heldout = kind == "heldout" or (not train) or _PHOTO_SPLITS.get(chosen, False)
+        return PhotosDataset(heldout=heldout, collection=kind, **common)
     if kind == "fashion-mnist":
         if task == "segmentation":
             raise DataError("fashion-mnist is a classification set; use fashion-mnist-seg for segmentation")
@@ -106,11 +110,14 @@ def build_dataset(
 def describe(spec: str) -> str:
     """One cheap line about what ``spec`` points at (no image decoding)."""
     kind, arg = parse_spec(spec)
-    if kind == "photos":
-        from .photos import photo_names
+    if kind in ("photos", "wallpapers", "heldout"):
+        from .photos import pool_sources
 
-        names = photo_names()
-        return f"photos: {len(names)} bundled real photographs ({', '.join(names)})"
+        held = kind == "heldout" or _PHOTO_SPLITS.get(arg or "train", False)
+        names = [n for n, _ in pool_sources(kind, held)]
+        what = {"photos": "bundled real photographs", "wallpapers": "Debian wallpapers (photographs + artwork)",
+                "heldout": "held-out real photographs"}[kind]
+        return f"{kind}: {len(names)} {what}, {'held-out' if held else 'train'} split ({', '.join(names)})"
     if kind in ("fashion-mnist", "fashion-mnist-seg"):
         from .fashion_mnist import _find_files
 
