@@ -10,8 +10,10 @@ import torch
 from ..errors import DataError
 from .base import TASKS
 
-SPEC_FORMS = ("photos[:train|:heldout], wallpapers[:train|:heldout], heldout, fashion-mnist[:train|:test], "
-              "fashion-mnist-seg[:train|:test], folder:PATH, wds:PATTERN")
+SPEC_FORMS = ("photos[:train|:heldout], wallpapers[:train|:heldout], heldout, digits[:train|:test], "
+              "fashion-mnist[:train|:test], "
+              "fashion-mnist-seg[-large][:train|:test], folder:PATH, wds:PATTERN")
+LARGE_SEG_GRID = 8  # fashion-mnist-seg-large: 8x8 cells of 28 px (224² canvases, 16-32 items)
 _PHOTO_SPLITS = {"train": False, "heldout": True, "test": True, "val": True}
 
 
@@ -35,7 +37,8 @@ def parse_spec(spec: str) -> Spec:
         return Spec(kind, arg.lower() or None)
     if kind == "heldout" and not sep:
         return Spec(kind, "heldout")
-    if kind in ("fashion-mnist", "fashion-mnist-seg") and (not sep or arg.lower() in ("train", "test")):
+    if kind in ("fashion-mnist", "fashion-mnist-seg", "fashion-mnist-seg-large", "digits") and (
+            not sep or arg.lower() in ("train", "test")):
         return Spec(kind, arg.lower() or None)
     raise DataError(f"unknown data spec {spec!r}; expected one of: {SPEC_FORMS}")
 
@@ -91,13 +94,20 @@ def build_dataset(
 
         split_ = arg or split or ("train" if train else "test")
         return FashionMNIST(split=split_, task=task, train=train, **common)
-    if kind == "fashion-mnist-seg":
+    if kind == "digits":
+        if task == "segmentation":
+            raise DataError("digits is a classification set")
+        from .digits import Digits
+
+        return Digits(split=arg or split or ("train" if train else "test"), task=task, train=train, **common)
+    if kind in ("fashion-mnist-seg", "fashion-mnist-seg-large"):
         if task == "classification":
-            raise DataError("fashion-mnist-seg is a segmentation set; use fashion-mnist for classification")
+            raise DataError(f"{kind} is a segmentation set; use fashion-mnist for classification")
         from .fashion_seg import FashionMNISTSeg
 
         split_ = arg or split or ("train" if train else "test")
-        return FashionMNISTSeg(split=split_, task=task, train=train, **common)
+        grid = LARGE_SEG_GRID if kind.endswith("-large") else 3
+        return FashionMNISTSeg(split=split_, task=task, train=train, grid=grid, **common)
     if kind == "folder":
         from .folder import FolderDataset
 
@@ -118,7 +128,9 @@ def describe(spec: str) -> str:
         what = {"photos": "bundled real photographs", "wallpapers": "Debian wallpapers (photographs + artwork)",
                 "heldout": "held-out real photographs"}[kind]
         return f"{kind}: {len(names)} {what}, {'held-out' if held else 'train'} split ({', '.join(names)})"
-    if kind in ("fashion-mnist", "fashion-mnist-seg"):
+    if kind == "digits":
+        return f"digits: scikit-learn handwritten digits {arg or 'train/test'} (1200 / 597 images, 8x8)"
+    if kind in ("fashion-mnist", "fashion-mnist-seg", "fashion-mnist-seg-large"):
         from .fashion_mnist import _find_files
 
         files = _find_files(arg or "train")
