@@ -131,7 +131,7 @@ def _depth_anything() -> torch.nn.Module:
     return _perturbed(tf.DepthAnythingForDepthEstimation(config))
 
 
-def test_depth_anything_runs_linear_attention_in_its_dinov2_backbone():
+def test_depth_anything_runs_linear_attention_in_its_dinov2_backbone(tmp_path):
     teacher = _depth_anything()
     student = adala.linearize(teacher)
     assert type(student) is tf.DepthAnythingForDepthEstimation
@@ -150,6 +150,11 @@ def test_depth_anything_runs_linear_attention_in_its_dinov2_backbone():
         assert not missing and not unexpected
         timm_student = adala.linearize(hf.to_timm(dinov2))
         assert _max_err(student.backbone.layernorm(maps), timm_student.forward_features(x)) <= 1e-5
+    student.save_pretrained(tmp_path / "depth")  # a composite config: the backbone's implementation survives
+    back = tf.DepthAnythingForDepthEstimation.from_pretrained(tmp_path / "depth")
+    assert hf_attention.kinds_of(back) == ["linear-elu"] * 4
+    with torch.no_grad():
+        assert torch.equal(back(pixel_values=x).predicted_depth, depth)
 
 
 @pytest.mark.skipif(not hasattr(tf, "DINOv3ViTModel"), reason="this transformers has no DINOv3 ViT")
@@ -166,7 +171,7 @@ def test_dinov3_vit_runs_linear_attention():
         assert _max_err(ours, teacher(pixel_values=x).last_hidden_state) > 1e-2
 
 
-def test_multimodal_wrapper_switches_only_its_vision_tower():
+def test_multimodal_wrapper_switches_only_its_vision_tower(tmp_path):
     vision = tf.CLIPVisionConfig(**TINY, image_size=32, patch_size=8)
     text = tf.CLIPTextConfig(**TINY, vocab_size=50)
     model = tf.CLIPModel(tf.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict())).eval()
@@ -174,11 +179,16 @@ def test_multimodal_wrapper_switches_only_its_vision_tower():
     assert type(student) is tf.CLIPModel
     assert student.config.vision_config._attn_implementation == "adala-linear-elu"
     assert student.config.text_config._attn_implementation != "adala-linear-elu"  # causal text stays softmax
+    assert student.config.attn_implementation == {"vision_config": "adala-linear-elu"}  # survives save_pretrained
     ids, x = torch.randint(0, 50, (1, 5)), torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         out, ref = student(input_ids=ids, pixel_values=x), model(input_ids=ids, pixel_values=x)
     assert torch.equal(out.text_embeds, ref.text_embeds)
     assert _max_err(out.image_embeds, ref.image_embeds) > 1e-3
+    student.save_pretrained(tmp_path / "clip")
+    back = tf.CLIPModel.from_pretrained(tmp_path / "clip")
+    assert back.config.vision_config._attn_implementation == "adala-linear-elu"
+    assert back.config.text_config._attn_implementation == model.config.text_config._attn_implementation
 
 
 def test_errors_are_one_line():

@@ -16,8 +16,8 @@ Decisions:
 * The chosen name is written to the config both where transformers reads it (``_attn_implementation``) and as a
   plain ``attn_implementation`` attribute, which ``save_pretrained`` serialises and ``from_pretrained`` reads
   back: a saved linear model reloads linear with adala imported, and fails loudly (unknown implementation)
-  without it, never silently as softmax. Only the configs of vision attentions are touched, so a CLIP/SigLIP text
-  tower stays softmax.
+  without it, never silently as softmax. A composite model (Depth Anything, CLIPModel) records it on its top
+  config in transformers' nested form. Only vision attentions are touched: a CLIP/SigLIP text tower stays softmax.
 * ``keep_softmax`` blocks are marked on their module (``adala_softmax``) and run transformers' SDPA. The mark is
   not part of the config, so ``save_hf`` refuses hybrids (save them in timm layout).
 
@@ -135,11 +135,33 @@ def set_attention(model: nn.Module, kind: str, keep_softmax: list[int] | None = 
         raise UnsupportedModelError(f"keep_softmax blocks {bad} out of range 0..{len(mods) - 1}")
     register()
     name = implementation_name(kind)
+    targets = {}
     for i, m in enumerate(mods):
         m.config._attn_implementation = name
         m.config.attn_implementation = name  # serialised by save_pretrained, read back by from_pretrained
         m.adala_softmax = i in keep
+        targets[id(m.config)] = m.config
+    top = getattr(model, "config", None)
+    if top is not None and id(top) not in targets:
+        tree = _implementation_tree(top, set(targets), name)
+        if tree is not None:
+            top.attn_implementation = tree
     return model
+
+
+def _implementation_tree(config: Any, targets: set[int], name: str) -> dict[str, Any] | None:
+    """``attn_implementation`` for a config whose sub-configs hold the vision attention, in transformers' nested
+    form (``{"backbone_config": "adala-linear-elu"}``). Needed because loading a composite config sets its
+    own implementation (None) on every sub-config after reading them, which would drop theirs."""
+    tree = {}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is None:
+            continue
+        value = name if id(sub) in targets else _implementation_tree(sub, targets, name)
+        if value is not None:
+            tree[key] = value
+    return tree or None
 
 
 def linearize_hf(model: nn.Module, attention: str = "linear-elu", keep_softmax: list[int] | None = None,
