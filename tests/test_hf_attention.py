@@ -257,9 +257,13 @@ def test_linear_hf_model_save_pretrained_reloads_linear_and_fails_loudly_without
     student = adala.linearize(_perturbed(tf.Dinov2Model(tf.Dinov2Config(**DINO))))
     student.save_pretrained(tmp_path / "m")
     x = torch.randn(1, 3, 28, 28)
+    back = tf.AutoModel.from_pretrained(tmp_path / "m")
     with torch.no_grad():
-        assert torch.equal(tf.AutoModel.from_pretrained(tmp_path / "m")(pixel_values=x).last_hidden_state,
-                           student(pixel_values=x).last_hidden_state)
+        assert torch.equal(back(pixel_values=x).last_hidden_state, student(pixel_values=x).last_hidden_state)
+    adala.linearize(back).save_pretrained(tmp_path / "again")  # a reloaded model records it again
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["attn_implementation"] == "adala-linear-elu"
+    with pytest.raises(UnsupportedModelError, match="runs softmax by itself"):
+        adala.linearize(back, attention="softmax")
     monkeypatch.delitem(AttentionInterface._global_mapping, "adala-linear-elu")  # as if adala were not imported
     with pytest.raises(ValueError, match="adala-linear-elu"):
         tf.AutoModel.from_pretrained(tmp_path / "m")

@@ -105,6 +105,9 @@ def kinds_of(model: nn.Module) -> list[str]:
 
 
 def _check(kind: str, options: dict[str, Any]) -> None:
+    if kind == "softmax":
+        raise UnsupportedModelError("a Hugging Face model runs softmax by itself: load it with "
+                                    "attn_implementation='sdpa' (or model.set_attn_implementation('sdpa'))")
     if kind not in KINDS:
         from .. import attention
 
