@@ -90,9 +90,16 @@ def linearize(
     keep_softmax: list[int] | None = None,
     **options: Any,
 ) -> nn.Module:
-    """A copy of ``model`` whose softmax attentions are ``attention`` (blocks in ``keep_softmax`` stay exact)."""
-    if hf.is_hf_model(model):  # a transformers DINOv2/ViT/CLIP/SigLIP: its timm equivalent first
-        model = hf.from_hf(model)
+    """A copy of ``model`` whose softmax attentions are ``attention`` (blocks in ``keep_softmax`` stay exact).
+
+    A ``transformers`` model (DINOv2, ViT, CLIP/SigLIP vision, DINOv3 ViT, or a Depth Anything / backbone built on
+    one) stays that class: its attention is switched through transformers' registry (``hf_attention``), so
+    ``model(pixel_values=...)`` and heads built on it keep working. ``adala.models.hf.to_timm`` gives timm instead.
+    """
+    if hf.is_hf_model(model):
+        from .hf_attention import linearize_hf
+
+        return linearize_hf(model, attention, keep_softmax, **options)
     n = len(attention_modules(model))
     keep = set(keep_softmax or [])
     bad = [i for i in keep if not 0 <= i < n]
