@@ -70,8 +70,8 @@ def load_state_exact(model: nn.Module, sd: dict[str, torch.Tensor], source: str 
         if shapes:
             k = shapes[0]
             parts.append(f"e.g. {k} is {list(sd[k].shape)} in the file, {list(own[k].shape)} in the model")
-        target = f"the architecture {arch!r}" if arch else f"a {type(model).__name__}"
-        raise CheckpointError(f"{source} holds weights of another architecture than {target}: "
+        target = f"{arch!r}" if arch else f"a {type(model).__name__}"
+        raise CheckpointError(f"{source} holds weights of another architecture, not {target}: "
                               + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
 
