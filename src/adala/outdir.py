@@ -82,7 +82,11 @@ def check_target(out: Path, inputs: Iterable[tuple[str, Any]] = (), *, force: bo
             raise ConfigError(f"{flag} {out} is the {label} directory this run reads; writing there would "
                               "replace it; choose another --out")
     if out.is_dir():
-        if not force and any(out.iterdir()) and not created_by_adala(out):
+        try:
+            empty = not any(out.iterdir())
+        except OSError as e:
+            raise ConfigError(f"{flag} {out} cannot be read ({e.strerror or e})") from None
+        if not force and not empty and not created_by_adala(out):
             raise ConfigError(f"{flag} {out} is a non-empty directory adala did not create; choose an empty or "
                               "new directory (or pass --force / force=True to write into it anyway)")
         if not os.access(out, os.W_OK | os.X_OK):
