@@ -297,12 +297,51 @@ def parse_recipe(raw: Any, source: str | None = None) -> Recipe:
                   description=description, source=source, threads=threads)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error: plain YAML lets the
+    last one win, so a second ``stage1:`` would silently replace the first. Keys merged in with ``<<:`` may
+    still be overridden, as YAML anchors intend."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(f"{key}: duplicate key in {self._recipe} (lines {first} and "
+                                  f"{key_node.start_mark.line + 1}); each key may appear once per mapping")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    loader._recipe = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe {p} not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {p} is not a text (UTF-8 YAML) file: undecodable byte at offset {e.start}; "
+                          "pass the recipe's .yaml file") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {p} cannot be read ({e.strerror or e})") from None
+    if "\x00" in text:
+        raise ConfigError(f"recipe {p} is not a text (YAML) file: it holds NUL bytes; pass the recipe's .yaml file")
+    try:
+        raw = _load_yaml(text, str(p))
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"recipe {p} is not valid YAML ({first})") from None
@@ -376,8 +415,14 @@ def _run_stage(recipe: Recipe, stage: Stage, teacher, source_model, d: Path, res
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, fresh: bool = False,
-               overrides: Iterable[str] = (), log: Callable[[str], None] | None = print) -> dict:
-    """Run every stage of ``recipe`` into ``out``; returns (and writes) the summary."""
+               overrides: Iterable[str] = (), log: Callable[[str], None] | None = print,
+               force: bool = False) -> dict:
+    """Run every stage of ``recipe`` into ``out``; returns (and writes) the summary.
+
+    ``out`` is locked for the whole run (a second run on it fails at once) and must be new, empty or an
+    earlier run's (see :mod:`adala.outdir`); ``force`` writes into a directory adala did not create.
+    """
+    from .outdir import check_target, claim
     from .train.distributed import is_main
 
     if not isinstance(recipe, Recipe):
@@ -385,20 +430,25 @@ def run_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, fr
     elif overrides:
         raise ConfigError("overrides apply to a recipe file, not to a parsed Recipe")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+    check_target(out, [("teacher", recipe.teacher)], force=force)
+    teacher_path = Path(recipe.teacher)
+    if teacher_path.exists() and out.exists() and teacher_path.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"--out {out} holds the teacher {recipe.teacher}; re-running stages there could "
+                          "delete it; choose another --out")
     say = log if (log is not None and is_main()) else (lambda _m: None)
     threads_before = torch.get_num_threads()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     try:
-        return _run(recipe, out, fresh, say)
+        with claim(out, "run"):
+            return _run(recipe, out, fresh, say, force)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(recipe: Recipe, out: Path, fresh: bool, say: Callable[[str], None]) -> dict:
+def _run(recipe: Recipe, out: Path, fresh: bool, say: Callable[[str], None], force: bool = False) -> dict:
     from .models import load_teacher
+    from .outdir import created_by_adala, write_marker
     from .stages.common import write_json
     from .train.distributed import barrier, is_main
 
@@ -427,11 +477,15 @@ def _run(recipe: Recipe, out: Path, fresh: bool, say: Callable[[str], None]) -> 
             continue
         resume = not fresh and same and (d / "checkpoints").is_dir() and st.kind not in ("linearize", "evaluate")
         if d.exists() and not resume:
+            if not force and (not d.is_dir() or (any(d.iterdir()) and not created_by_adala(d))):
+                raise ConfigError(f"stages.{st.name}: {d} exists and adala did not create it; re-running the "
+                                  "stage would delete it (move it away, or pass --force)")
             if is_main():
-                shutil.rmtree(d)
+                shutil.rmtree(d) if d.is_dir() else d.unlink()
             barrier()
         if is_main():
             d.mkdir(parents=True, exist_ok=True)
+            write_marker(d, st.kind)
             write_json(d / FINGERPRINT, {"fingerprint": fp, "kind": st.kind, "from": st.source,
                                          "options": st.options, "teacher": recipe.teacher})
         barrier()

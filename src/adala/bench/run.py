@@ -193,12 +193,18 @@ def bench(
     ]
     if isinstance(students, Mapping):
         from .. import load_model
+        from ..errors import UnsupportedModelError
+        from ..stages.common import check_pair
 
         for name, m in students.items():
             if isinstance(m, (str, os.PathLike)):  # a saved model directory
                 models.append((str(name), load_model(m).to(dev).eval(), {"source": {"model_dir": str(m)}}))
             else:
                 models.append((str(name), m.to(dev).eval(), None))
+            try:  # a speed-up and FLOP bound only mean something against the student's own teacher
+                check_pair(teacher, models[-1][1])
+            except UnsupportedModelError as e:
+                raise UnsupportedModelError(f"{name}: {e}") from None
     else:
         if isinstance(students, str):
             students = [students]

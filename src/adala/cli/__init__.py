@@ -10,11 +10,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from ..errors import AdalaError
 
 COMMAND_MODULES = ["core", "stages", "bench", "compare", "demo"]
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks run (run locks released, a checkpoint
+    being written discarded whole). A BaseException, like KeyboardInterrupt: no ``except Exception`` in a
+    data loader may mistake it for a bad file."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..runtime import keep_freed_memory
 
     keep_freed_memory()  # commands are whole processes: reuse big freed blocks (see adala.runtime)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("adala: terminated (SIGTERM); a training run continues from its last checkpoint with --resume",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except AdalaError as e:
         if debug:
             raise
@@ -75,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adala: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

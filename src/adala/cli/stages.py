@@ -30,7 +30,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep", type=int, default=None, help="checkpoints kept (default 2)")
     g.add_argument("--num-workers", dest="num_workers", type=int, default=None)
     g.add_argument("--log-every", dest="log_every", type=int, default=None)
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (a finished run: nothing to do)")
+    g.add_argument("--force", action="store_true",
+                   help="write into an existing non-empty --out that adala did not create")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -50,6 +53,10 @@ def _check_out(path: str, resume: bool) -> None:
 
 
 def _print_metrics(result, keys: tuple[str, ...] = ()) -> None:
+    if result.already_finished:
+        print(f"{result.out_dir} already finished ({result.metrics.get('steps', '?')} steps); "
+              "--resume had nothing to do and nothing was written")
+        return
     m = result.metrics
     shown = {k: m[k] for k in keys if k in m}
     parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
@@ -63,7 +70,7 @@ def _align_attention(args: argparse.Namespace) -> int:
     _check_out(args.out, args.resume)
     r = align_attention(args.teacher, args.student, attention=args.attention, data=_data(args.data),
                         img_size=args.img_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        train=args.train, out=args.out, **_train_kwargs(args))
+                        train=args.train, out=args.out, force=args.force, **_train_kwargs(args))
     blocks = sorted((k for k in r.metrics if k.startswith("loss/block_")), key=lambda k: int(k.split("_")[-1]))
     _print_metrics(r, ("loss",))
     if blocks:
@@ -77,7 +84,7 @@ def _align_features(args: argparse.Namespace) -> int:
     _check_out(args.out, args.resume)
     r = align_features(args.teacher, args.student, data=_data(args.data), img_size=args.img_size, steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, loss=args.loss, train=args.train, out=args.out,
-                       **_train_kwargs(args))
+                       force=args.force, **_train_kwargs(args))
     _print_metrics(r, ("loss", "mse", "cosine"))
     return 0
 
@@ -90,7 +97,7 @@ def _finetune(args: argparse.Namespace) -> int:
     r = finetune(args.model, task=args.task, data=args.data, img_size=args.img_size, epochs=args.epochs,
                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, head=args.head, freeze_backbone=freeze,
                  length=args.length, eval_data=args.eval_data, eval_length=args.eval_length, out=args.out,
-                 **_train_kwargs(args))
+                 force=args.force, **_train_kwargs(args))
     _print_metrics(r, ("train/loss", "top1", "miou"))
     return 0
 
@@ -150,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid ({len(recipe.stages)} stages: "
               + ", ".join(f"{s.name}={s.kind}" for s in recipe.stages) + ")")
         return 0
-    summary = run_recipe(recipe, args.out, fresh=args.fresh)
+    summary = run_recipe(recipe, args.out, fresh=args.fresh, force=args.force)
     print(f"\n{'stage':<14} {'kind':<16} {'status':<8} {'time':>8}  metrics")
     for s in summary["stages"]:
         print(f"{s['name']:<14} {s['kind']:<16} {s['status']:<8} {s['wall_time_s']:>7.1f}s  {headline(s['metrics'])}")
@@ -230,6 +237,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. stages.stage1.steps=2 (repeatable)")
     p.add_argument("--check", action="store_true", help="only validate the recipe")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing non-empty --out that adala did not create")
     p.set_defaults(func=_run_checked)
 
 

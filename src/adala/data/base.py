@@ -80,3 +80,46 @@ class SeededDataset(Dataset):
         if self.task == "segmentation":
             return x, m
         return x, int(target)  # type: ignore[arg-type]
+
+
+class SkipRecorder:
+    """Where a dataset notes the samples it had to skip while being read.
+
+    ``skipped`` holds ``(path or key, reason)`` in this process. A scan at construction time is seen by the
+    training loop directly, but skips found while iterating can happen in DataLoader worker processes, whose
+    memory the loop never sees; so once the loop names a ``sink`` file, every skip is also appended there
+    as one JSON line (a single ``O_APPEND`` write, whole even with several writers), and the loop lists
+    them in ``log.jsonl`` when the run ends. Picklable, so workers get a copy that writes to the same sink.
+    """
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[str, str]] = []
+        self.sink: str | None = None
+
+    def note(self, path: str, reason: str) -> None:
+        self.skipped.append((path, reason))
+        if self.sink is None:
+            return
+        import json
+        import os
+
+        line = (json.dumps({"path": path, "reason": reason}) + "\n").encode()
+        try:
+            fd = os.open(self.sink, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the in-process list still has it; the loop reports what reached the sink
+
+
+def set_skip_sink(dataset, sink: str | None) -> bool:
+    """Point ``dataset``'s (and a mixture's parts') skip recorder at ``sink``; whether any had one."""
+    found = False
+    for ds in [dataset, *getattr(dataset, "parts", [])]:
+        rec = getattr(ds, "skip_recorder", None)
+        if isinstance(rec, SkipRecorder):
+            rec.sink = sink
+            found = True
+    return found

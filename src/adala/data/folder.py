@@ -20,11 +20,12 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .base import SeededDataset
+from .base import SeededDataset, SkipRecorder
 from .images import ImageReadError, check_image, is_image_file, load_label_map, load_rgb
 from .transforms import ImageTransform, to_chw_uint8
 
 IGNORE_INDEX = 255
+_MASK_MODE = "single-channel label map"  # in load_label_map's error for an RGB/RGBA/... mask
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -65,7 +66,8 @@ class FolderDataset(SeededDataset):
         if split and (root / split).is_dir():
             root = root / split
         self.root = root
-        self.skipped: list[tuple[str, str]] = []
+        self.skip_recorder = SkipRecorder()
+        self.skipped: list[tuple[str, str]] = self.skip_recorder.skipped
         self._bad: set[int] = set()
         self.masks: list[Path] = []
         names: list[str] = []
@@ -80,12 +82,24 @@ class FolderDataset(SeededDataset):
             self.files = [p for p in candidates if self._usable(p)]
             self.labels = []
         if not self.files:
-            extra = f" ({len(self.skipped)} unreadable files skipped)" if self.skipped else ""
-            raise DataError(f"no images found in {root}{extra}")
+            raise DataError(self._nothing_usable(root, task))
         self._min_side = img_size * 2 if train else img_size  # JPEG draft decoding keeps this resolution
         transform = ImageTransform(img_size, mean, std, train=train, scale=(0.35, 1.0))
         super().__init__(task=task, transform=transform, seed=seed, source_len=len(self.files), length=length)
         self._set_classes(names)
+
+    def _nothing_usable(self, root: Path, task: str) -> str:
+        """Why no item is usable, naming the most common cause: masks that are colour images rather than
+        label maps are a layout mistake, not unreadable files."""
+        bad_masks = [(p, r) for p, r in self.skipped if _MASK_MODE in r]
+        if task == "segmentation" and bad_masks:
+            path, reason = bad_masks[0]
+            mode = reason.rsplit("mode ", 1)[-1]
+            return (f"no usable image/mask pairs in {root}: {len(bad_masks)} of {len(self.skipped)} masks are "
+                    f"not single-channel label maps (e.g. the mask of {Path(path).name} has mode {mode}); save "
+                    "each mask as an L or P mode PNG of class ids (255 = ignore)")
+        extra = f" ({len(self.skipped)} unreadable files skipped)" if self.skipped else ""
+        return f"no images found in {root}{extra}"
 
     # -- construction-time scanning -------------------------------------------------------------------
     def _usable(self, path: Path) -> bool:
@@ -165,7 +179,7 @@ class FolderDataset(SeededDataset):
                 return self._load_one(j)
             except ImageReadError as e:
                 self._bad.add(j)
-                self.skipped.append((str(self.files[j]), f"at load time: {e}"))
+                self.skip_recorder.note(str(self.files[j]), f"at load time: {e}")
         raise DataError(f"no readable images left in {self.root}")
 
     def _load_one(self, j: int) -> tuple[torch.Tensor, int | torch.Tensor | None]:

@@ -1,13 +1,14 @@
 """WebDataset tar shards (``wds:PATTERN``) for corpora too large for a folder scan (e.g. ImageNet-22k).
 
 Streaming, so this is an ``IterableDataset``: shards are split across nodes and DataLoader workers, bad
-samples are skipped with a warning. Determinism is kept where a stream allows it: shard order is a seeded
-per-epoch shuffle, and a sample's augmentation is seeded by ``(seed, its __key__)``, not by stream position.
+samples are skipped and recorded (``dataset.skipped``, and the training loop lists them in ``log.jsonl``
+with one summary line on stderr, as for folders) instead of a warning per sample. Determinism is kept
+where a stream allows it: shard order is a seeded per-epoch shuffle, and a sample's augmentation is
+seeded by ``(seed, its __key__)``, not by stream position.
 """
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .base import SkipRecorder
 from .images import ImageReadError, load_rgb
 from .transforms import SALT_AUG, ImageTransform, item_generator, to_chw_uint8
 
@@ -23,10 +25,18 @@ _SHUFFLE_SHARDS = 100
 _SHUFFLE_SAMPLES = 1000
 
 
-def _skip_and_warn(exn: BaseException) -> bool:
-    """Like ``wds.warn_and_continue`` without its 0.5 s sleep per bad sample."""
-    warnings.warn(f"wds: skipped a sample: {exn!r}", stacklevel=2)
-    return True
+class _SkipAndRecord:
+    """webdataset error handler: note the bad sample and go on (``wds.warn_and_continue`` would print a
+    multi-line UserWarning per sample and sleep 0.5 s). Picklable for DataLoader workers."""
+
+    def __init__(self, recorder: SkipRecorder, stage: str) -> None:
+        self.recorder, self.stage = recorder, stage
+
+    def __call__(self, exn: BaseException) -> bool:
+        where = getattr(exn, "sample_key", None) or self.stage
+        reason = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        self.recorder.note(str(where), reason)
+        return True
 
 
 class _Decode:
@@ -40,7 +50,12 @@ class _Decode:
         if data is None:
             raise ImageReadError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_KEYS)})")
         key = str(sample.get("__key__", ""))
-        img = to_chw_uint8(np.array(load_rgb(bytes(data), min_size=self.transform.img_size)))
+        where = f"{sample.get('__url__', '?')}:{key}"
+        try:
+            img = to_chw_uint8(np.array(load_rgb(bytes(data), min_size=self.transform.img_size)))
+        except ImageReadError as e:
+            e.sample_key = where
+            raise
         g = item_generator(self.seed, zlib.crc32(key.encode()), SALT_AUG)
         x, _ = self.transform(img, None, g)
         if self.task == "unlabeled":
@@ -84,6 +99,7 @@ def build_wds(
     if missing:
         raise DataError(f"wds shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
     transform = ImageTransform(img_size, mean, std, train=train, scale=(0.35, 1.0))
+    recorder = SkipRecorder()
     ds = wds.WebDataset(
         urls,
         shardshuffle=min(_SHUFFLE_SHARDS, len(urls)) if train else False,
@@ -92,15 +108,17 @@ def build_wds(
         nodesplitter=wds.split_by_node,
         workersplitter=wds.split_by_worker,
         empty_check=False,
-        handler=_skip_and_warn,
+        handler=_SkipAndRecord(recorder, f"{pattern} (reading a shard)"),
     )
     if train:
         ds = ds.shuffle(_SHUFFLE_SAMPLES, seed=seed)
-    ds = ds.map(_Decode(task, transform, seed), handler=_skip_and_warn)
+    ds = ds.map(_Decode(task, transform, seed), handler=_SkipAndRecord(recorder, f"{pattern} (decoding)"))
     if length is not None:
         ds = ds.with_epoch(length).with_length(length, silent=True)
     ds.task = task
     ds.urls = urls
+    ds.skip_recorder = recorder
+    ds.skipped = recorder.skipped
     names = _read_class_names(urls) if task == "classification" and local else None
     ds.class_names = names or []
     ds.num_classes = len(names) if names else None

@@ -118,6 +118,7 @@ def evaluate(
     from ..stages.common import (
         as_model,
         as_teacher,
+        check_fits,
         check_img_size,
         check_pair,
         check_positive,
@@ -133,6 +134,7 @@ def evaluate(
     check_positive(batch_size, "batch_size")
     model = as_model(model)
     check_img_size(model, img_size)
+    check_fits(model, img_size, batch_size, device, train=False, amp="fp32")
     head = None if task in ("features", "correspondence") else _task_head(model, task)
     t_model = None
     if teacher is not None:

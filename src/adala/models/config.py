@@ -67,10 +67,60 @@ def build_backbone(cfg: dict[str, Any]) -> nn.Module:
     return model
 
 
+_TYPES: dict[str, tuple[type, ...]] = {
+    "arch": (str,), "timm_kwargs": (dict,), "teacher": (str,), "pos_embed_antialias": (bool,),
+    "patch_size": (int, type(None)), "img_size": (int, type(None)), "mean": (list,), "std": (list,),
+    "attention": (dict, type(None)), "task": (dict, type(None)), "layer_norm_eps": (int, float, type(None)),
+}
+_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", int: "an integer",
+          float: "a number", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def validate_config(cfg: Any, where: str) -> dict[str, Any]:
+    """Check the fields a config is rebuilt from, so a hand-edited or foreign ``adala.json`` fails in one
+    line naming the field (``attention: must be a mapping or null, got a string``) instead of a TypeError
+    deep inside the rebuild."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: the config must be a mapping, got {_kind(cfg)}")
+
+    def bad(key: str, want: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"{where}: {key} must be {want}, got {_kind(value)} ({value!r:.60})")
+
+    for key, types in _TYPES.items():
+        if key in cfg and (not isinstance(cfg[key], types) or (isinstance(cfg[key], bool) and bool not in types)):
+            raise bad(key, " or ".join(_NAMES[t] for t in types), cfg[key])
+    if not cfg.get("arch"):
+        raise CheckpointError(f"{where}: arch is missing")
+    for key in ("mean", "std"):
+        v = cfg.get(key)
+        if v is not None and (len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in v)):
+            raise bad(key, "a list of 3 numbers", v)
+    att = cfg.get("attention")
+    if att is not None:
+        blocks = att.get("blocks")
+        if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks):
+            raise bad("attention.blocks", "a non-empty list of attention kind names", blocks)
+        if not isinstance(att.get("options", {}), dict):
+            raise bad("attention.options", "a mapping", att.get("options"))
+        if "kind" in att and not isinstance(att["kind"], str):
+            raise bad("attention.kind", "a string", att["kind"])
+    task = cfg.get("task")
+    if task is not None and not isinstance(task.get("type"), str):
+        raise bad("task.type", "a string", task.get("type"))
+    return cfg
+
+
 def build_model(cfg: dict[str, Any]) -> nn.Module:
     """Architecture (teacher → attention swap → task head) from a config, weights not loaded."""
     from .surgery import linearize_blocks
 
+    validate_config(cfg, "model config")
     model = build_backbone(cfg)
     set_config(model, {**cfg, "attention": None, "task": None})
     att = cfg.get("attention")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .config import FORMAT, build_model, get_config
+from .config import FORMAT, build_model, get_config, validate_config
 from .weights import atomic_write_text, load_tensors, save_tensors
 
 WEIGHTS = "model.safetensors"
@@ -49,7 +49,31 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{p / CONFIG} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or "arch" not in cfg:
         raise CheckpointError(f"{p / CONFIG} is not an adala model config (format {FORMAT})")
-    return cfg
+    return validate_config(cfg, str(p / CONFIG))
+
+
+def load_state_exact(model: nn.Module, sd: dict[str, torch.Tensor], source: str | os.PathLike,
+                     arch: str | None = None) -> None:
+    """``load_state_dict(strict=True)``, but weights of another architecture are summarised in one line
+    (counts of missing/unexpected/mis-shaped tensors and the first names) instead of torch's multi-line
+    RuntimeError, which for a whole ViT runs to hundreds of lines."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+            if names:
+                first = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                parts.append(f"{len(names)} {label} ({first})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"e.g. {k} is {list(sd[k].shape)} in the file, {list(own[k].shape)} in the model")
+        target = f"{arch!r}" if arch else f"a {type(model).__name__}"
+        raise CheckpointError(f"{source} holds weights of another architecture, not {target}: "
+                              + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -63,9 +87,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         if sha256_file(p / WEIGHTS) != cfg["sha256"]:
             raise CheckpointError(f"{p / WEIGHTS} is corrupt (checksum mismatch)")
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{p / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
     return model.to(device).eval()

@@ -21,7 +21,7 @@ from ..errors import CheckpointError, OfflineError, UnknownTeacherError
 from ..paths import cache_dir
 from . import dinov2_onnx
 from .config import build_backbone, set_config, teacher_config
-from .io import CONFIG, load_model
+from .io import CONFIG, load_model, load_state_exact
 from .weights import load_pickle_weights, load_tensors, refuse_pickle, save_tensors
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,7 @@ def _timm_saved(path: Path, weights: Path, allow_pickle: bool) -> nn.Module:
     antialias = "dinov2" not in arch
     model = build_backbone({"arch": arch, "timm_kwargs": kw, "pos_embed_antialias": antialias})
     sd = load_pickle_weights(weights) if allow_pickle and weights.suffix != ".safetensors" else load_tensors(weights)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{weights} does not fit {arch}: {str(e).splitlines()[0]}") from None
+    load_state_exact(model, sd, weights, arch)
     return set_config(model, teacher_config(arch, kw, str(path), model, antialias))
 
 
@@ -146,10 +143,14 @@ def _local(path: Path, allow_pickle: bool) -> nn.Module:
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
         if "adala_config" in meta:
-            from .config import build_model
+            from .config import build_model, validate_config
 
-            model = build_model(json.loads(meta["adala_config"]))
-            model.load_state_dict(load_tensors(path), strict=True)
+            try:
+                cfg = json.loads(meta["adala_config"])
+            except ValueError as e:
+                raise CheckpointError(f"{path}: its adala_config metadata is not valid JSON ({e})") from None
+            model = build_model(validate_config(cfg, f"{path} (adala_config metadata)"))
+            load_state_exact(model, load_tensors(path), path, cfg.get("arch"))
             return model.eval()
     return _timm_saved(path, path, allow_pickle)
 

@@ -21,12 +21,16 @@ from .common import (
     StageResult,
     TeacherRecorder,
     as_teacher,
+    check_fits,
     check_img_size,
-    check_out,
     check_pair,
+    claim_output,
     dataset,
     finish,
+    finished_result,
+    is_finished,
     out_dir,
+    stage_options,
     train_config,
     trainable_copy,
 )
@@ -119,29 +123,37 @@ def align_attention(
     train: str = "attention",
     out: str | os.PathLike | None = None,
     length: int | None = None,
+    force: bool = False,
     **train_kwargs: Any,
 ) -> StageResult:
     """Stage 1. ``student`` defaults to ``adala.linearize(teacher, attention)``; unlabeled ``data``.
 
     Returns the aligned student (saved to ``out`` with ``metrics.json``; the engine's ``log.jsonl`` beside it).
+    ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
+    ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
     from ..models import linearize
     from ..train.loop import train as run_training
 
-    teacher = as_teacher(teacher)
-    student = linearize(teacher, attention) if student is None else trainable_copy(student, "student")
-    check_pair(teacher, student)
-    check_img_size(teacher, img_size)
-    cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
-    trainable_attention_params(student, train)
-    ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
     out = out_dir(out, "align-attention")
-    check_out(out, cfg.resume)
-    objective = AttentionAlignment(teacher, student, train=train)
-    try:
-        result = run_training(objective, ds, cfg, out, stage="align-attention")
-    finally:
-        objective.recorder.remove()
-    metrics = {"stage": "align-attention", "steps": result.steps, "wall_time_s": result.wall_time_s,
-               "img_size": img_size, "train": train, **result.final}
-    return finish(student, out, metrics, result.history)
+    with claim_output(out, "align-attention", resume=bool(train_kwargs.get("resume", False)), force=force,
+                      inputs=(("student", student), ("teacher", teacher))):
+        teacher = as_teacher(teacher)
+        student = linearize(teacher, attention) if student is None else trainable_copy(student, "student")
+        check_pair(teacher, student)
+        check_img_size(teacher, img_size)
+        cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
+        check_fits(teacher, img_size, cfg.batch_size, cfg.device, amp=cfg.amp)
+        trainable_attention_params(student, train)
+        ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
+        objective = AttentionAlignment(teacher, student, train=train)
+        objective.run_config = stage_options(teacher, img_size=img_size, train=train, data=data, length=length)
+        try:
+            result = run_training(objective, ds, cfg, out, stage="align-attention", finished=is_finished(out))
+        finally:
+            objective.recorder.remove()
+        if result.already_finished:
+            return finished_result(student, out, result.history)
+        metrics = {"stage": "align-attention", "steps": result.steps, "wall_time_s": result.wall_time_s,
+                   "img_size": img_size, "train": train, **result.final}
+        return finish(student, out, metrics, result.history)

@@ -6,12 +6,14 @@ Every check runs before training starts, so a bad input fails in one line with n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ class StageResult:
     out_dir: Path
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    already_finished: bool = False  # ``resume`` found the stage finished: nothing was trained or written
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -236,6 +239,127 @@ def check_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"output {out} exists and is not a directory")
     if resume and not (out / "checkpoints").is_dir():
         raise ConfigError(f"--resume: {out} has no checkpoints to resume from")
+
+
+def is_finished(out: Path) -> bool:
+    """A finished stage: ``finish`` writes the model, then ``metrics.json`` last."""
+    return (out / "adala.json").is_file() and (out / METRICS).is_file()
+
+
+@contextlib.contextmanager
+def claim_output(out: Path, stage: str, *, resume: bool, force: bool,
+                 inputs: Iterable[tuple[str, Any]] = ()) -> Iterator[Path]:
+    """Check ``out`` (not an input, not a stranger's directory, creatable; see :mod:`adala.outdir`), then
+    hold its run lock for the ``with`` body. Runs first in a stage, before any model or data is loaded, so a
+    second run on the same directory fails at once and a refused directory is never touched."""
+    from ..outdir import check_target, claim
+
+    if not isinstance(force, bool):
+        raise ConfigError(f"force must be true or false, got {force!r}")
+    check_target(out, inputs, force=force)
+    check_out(out, resume)
+    with claim(out, stage):
+        yield out
+
+
+def stage_options(teacher: nn.Module | None, **options: Any) -> dict[str, Any]:
+    """The stage options that shape the optimisation problem, recorded in every checkpoint and compared on
+    resume (``objective.run_config``): the image size, loss, trainable set, data and the teacher's identity
+    (its config, which names the spec and, for a saved model, the weights' sha256). TrainConfig fields
+    (lr, steps, batch size, seed, ...) are compared by the engine itself."""
+    record = dict(options)
+    if teacher is not None:
+        cfg = dict(getattr(teacher, "adala_config", None) or {})
+        cfg.pop("adala_version", None)  # upgrading adala does not change the teacher
+        record["teacher"] = cfg
+    return record
+
+
+def finished_result(student: nn.Module, out: Path, history: list[dict]) -> StageResult:
+    """The result of ``resume`` on a finished stage: its stored metrics, nothing rewritten."""
+    try:
+        metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{out / METRICS} is unreadable ({e})") from None
+    student.eval()
+    return StageResult(model=student, out_dir=out, metrics=metrics, history=list(history),
+                       already_finished=True)
+
+
+# Lower bound on what one training sample keeps per block for the backward pass, in units of tokens x width:
+# at least the block's input and its attention output (stage 1 keeps exactly these two per block from the
+# teacher pass). Inference keeps one block's MLP hidden layer (4 x width) alive at a time.
+_TRAIN_KEPT, _INFER_KEPT = 2, 4
+
+
+def activation_bytes(model: nn.Module, img_size: int, batch_size: int, *, train: bool,
+                     element_bytes: int = 4) -> tuple[int, int]:
+    """A lower bound on the activation memory of one step at ``img_size`` (and the token count).
+
+    It counts only tensors that certainly exist (see ``_TRAIN_KEPT``), so a refusal based on it is never
+    wrong; the real peak is several times higher.
+    """
+    vit = backbone_of(model)
+    p = patch_size(model)
+    tokens = (img_size // p) ** 2 + int(getattr(vit, "num_prefix_tokens", 1))
+    width, depth = int(vit.embed_dim), len(vit.blocks)
+    kept = _TRAIN_KEPT * depth if train else _INFER_KEPT
+    image = 3 * img_size * img_size * 4  # the decoded, normalised float32 input
+    return batch_size * (tokens * width * kept * element_bytes + image), tokens
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """Bytes a run can still allocate on ``device`` (None when unknown) and a word for where."""
+    if device.type == "cuda":
+        try:
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free), f"free on {device}"
+        except (RuntimeError, AssertionError):
+            return None, str(device)
+    avail: int | None = None
+    try:
+        info = {}
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                k, v = line.split(":", 1)
+                info[k] = int(v.split()[0]) * 1024
+        if "MemAvailable" in info:
+            avail = info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None, "RAM"
+    try:  # a container's memory limit (cgroup v2) can be far below the host's free memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            avail = min(avail, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return avail, "of RAM available"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**27 else f"{n / 2**20:,.0f} MiB"
+
+
+def check_fits(model: nn.Module, img_size: int, batch_size: int, device: str | torch.device = "auto", *,
+               train: bool = True, amp: str = "auto", key: str = "img_size") -> None:
+    """Refuse, before any data is decoded, a size whose activations cannot fit in the device's memory
+    (instead of an allocator failure halfway into the first step)."""
+    dev = pick_device(device) if isinstance(device, str) else device
+    half = amp in ("bf16", "fp16") or (amp == "auto" and dev.type == "cuda")
+    need, tokens = activation_bytes(model, img_size, batch_size, train=train, element_bytes=2 if half else 4)
+    avail, where = available_memory(dev)
+    if avail is not None and need > avail:
+        vit = backbone_of(model)
+        raise ConfigError(
+            f"{key}={img_size} cannot fit: {tokens:,} tokens x {int(vit.embed_dim)} wide x {len(vit.blocks)} blocks "
+            f"x batch {batch_size} need at least {_gib(need)} of activations"
+            f"{' for training' if train else ''}, {_gib(avail)} {where}; use a smaller {key} or batch size")
 
 
 def jsonable(value: Any) -> Any:

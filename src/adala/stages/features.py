@@ -20,12 +20,16 @@ from ..models.surgery import backbone_of
 from .common import (
     StageResult,
     as_teacher,
+    check_fits,
     check_img_size,
-    check_out,
     check_pair,
+    claim_output,
     dataset,
     finish,
+    finished_result,
+    is_finished,
     out_dir,
+    stage_options,
     train_config,
     trainable_copy,
 )
@@ -96,37 +100,48 @@ def align_features(
     train: str = "all",
     out: str | os.PathLike | None = None,
     length: int | None = None,
+    force: bool = False,
     **train_kwargs: Any,
 ) -> StageResult:
     """Stage 2. ``student`` may be a stage-1 output or straight from ``linearize`` (the stage-2-only ablation).
 
     ``img_size`` as a list trains at several resolutions: each batch is drawn at one of them (fixed by the
     seed and data order), so the student learns to stay faithful across token counts, not at one size.
+    ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
+    ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
     from ..train.loop import train as run_training
 
-    if loss not in LOSSES:
-        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    teacher = as_teacher(teacher)
-    student = trainable_copy(student, "student")
-    check_pair(teacher, student)
-    sizes = [img_size] if not isinstance(img_size, (list, tuple)) else list(img_size)
-    if not sizes:
-        raise ConfigError("img_size: empty list of sizes")
-    for s in sizes:
-        check_img_size(teacher, s)
-    cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
-    _select_trainable(student, train)
-    ds = dataset(teacher, data, task="unlabeled", img_size=max(sizes), train=True, seed=cfg.seed, length=length)
-    collate = None
-    if len(sizes) > 1:
-        if isinstance(ds, torch.utils.data.IterableDataset):
-            raise ConfigError("several img_size values need map-style data (not wds:)")
-        ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed)
     out = out_dir(out, "align-features")
-    check_out(out, cfg.resume)
-    objective = FeatureAlignment(teacher, student, loss)
-    result = run_training(objective, ds, cfg, out, stage="align-features", collate_fn=collate)
-    metrics = {"stage": "align-features", "steps": result.steps, "wall_time_s": result.wall_time_s,
-               "img_size": img_size, "loss_kind": loss, **result.final}
-    return finish(student, out, metrics, result.history)
+    with claim_output(out, "align-features", resume=bool(train_kwargs.get("resume", False)), force=force,
+                      inputs=(("student", student), ("teacher", teacher))):
+        if loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        teacher = as_teacher(teacher)
+        student = trainable_copy(student, "student")
+        check_pair(teacher, student)
+        sizes = [img_size] if not isinstance(img_size, (list, tuple)) else list(img_size)
+        if not sizes:
+            raise ConfigError("img_size: empty list of sizes")
+        for s in sizes:
+            check_img_size(teacher, s)
+        cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
+        check_fits(teacher, max(sizes), cfg.batch_size, cfg.device, amp=cfg.amp)
+        _select_trainable(student, train)
+        ds = dataset(teacher, data, task="unlabeled", img_size=max(sizes), train=True, seed=cfg.seed,
+                     length=length)
+        collate = None
+        if len(sizes) > 1:
+            if isinstance(ds, torch.utils.data.IterableDataset):
+                raise ConfigError("several img_size values need map-style data (not wds:)")
+            ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed)
+        objective = FeatureAlignment(teacher, student, loss)
+        objective.run_config = stage_options(teacher, img_size=img_size, loss=loss, train=train, data=data,
+                                             length=length)
+        result = run_training(objective, ds, cfg, out, stage="align-features", collate_fn=collate,
+                              finished=is_finished(out))
+        if result.already_finished:
+            return finished_result(student, out, result.history)
+        metrics = {"stage": "align-features", "steps": result.steps, "wall_time_s": result.wall_time_s,
+                   "img_size": img_size, "loss_kind": loss, **result.final}
+        return finish(student, out, metrics, result.history)

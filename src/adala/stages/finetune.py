@@ -24,14 +24,18 @@ from ..models.surgery import backbone_of
 from .common import (
     StageResult,
     as_model,
+    check_fits,
     check_img_size,
-    check_out,
     check_positive,
+    claim_output,
     dataset,
     eval_batches,
     finish,
+    finished_result,
+    is_finished,
     out_dir,
     pick_device,
+    stage_options,
     train_config,
     trainable_copy,
     write_json,
@@ -163,6 +167,7 @@ def finetune(
     eval_length: int | None = None,
     cache_features: str | bool = "auto",
     out: str | os.PathLike | None = None,
+    force: bool = False,
     **train_kwargs: Any,
 ) -> StageResult:
     """Stage 3. ``model`` is a backbone (any stage's output, or a teacher) or a task model (its backbone
@@ -190,58 +195,67 @@ def finetune(
     if cache_features not in ("auto", True, False):
         raise ConfigError(f"cache_features must be auto, true or false, got {cache_features!r}")
 
-    source = as_model(model)
-    check_img_size(source, img_size)
-    backbone = trainable_copy(backbone_of(source))
-    set_config(backbone, {**get_config(source), "task": None})
-    cfg = train_config(steps=steps or 1, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)  # validates
-    ds = dataset(source, data, task=task_type, img_size=img_size, train=not frozen, seed=cfg.seed, length=length)
-    num_classes, names = _labels(ds, data)
-    eval_ds_args = None
-    if eval_data is not None:  # validate the eval data before any training
-        dataset(source, eval_data, task=task_type, img_size=img_size, train=False, length=eval_length)
-        eval_ds_args = dict(task=task, data=eval_data, img_size=img_size, length=eval_length,
-                            batch_size=max(16, min(batch_size, 128)), device=cfg.device,
-                            num_workers=cfg.num_workers)
     out = out_dir(out, "finetune")
-    check_out(out, cfg.resume)
-    wrapper = wrap(backbone, task_config(task_type, num_classes, head, names, probe=frozen))
-    for p in wrapper.backbone.parameters():
-        p.requires_grad_(not frozen)
+    with claim_output(out, "finetune", resume=bool(train_kwargs.get("resume", False)), force=force,
+                      inputs=(("model", model),)):
+        source = as_model(model)
+        check_img_size(source, img_size)
+        backbone = trainable_copy(backbone_of(source))
+        set_config(backbone, {**get_config(source), "task": None})
+        cfg = train_config(steps=steps or 1, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)  # validates
+        check_fits(source, img_size, batch_size, cfg.device, train=not frozen, amp=cfg.amp)
+        ds = dataset(source, data, task=task_type, img_size=img_size, train=not frozen, seed=cfg.seed, length=length)
+        num_classes, names = _labels(ds, data)
+        eval_ds_args = None
+        if eval_data is not None:  # validate the eval data before any training
+            dataset(source, eval_data, task=task_type, img_size=img_size, train=False, length=eval_length)
+            eval_ds_args = dict(task=task, data=eval_data, img_size=img_size, length=eval_length,
+                                batch_size=max(16, min(batch_size, 128)), device=cfg.device,
+                                num_workers=cfg.num_workers)
+        wrapper = wrap(backbone, task_config(task_type, num_classes, head, names, probe=frozen))
+        for p in wrapper.backbone.parameters():
+            p.requires_grad_(not frozen)
 
-    n = len(ds) if hasattr(ds, "__len__") and not isinstance(ds, torch.utils.data.IterableDataset) else None
-    cache = frozen and n is not None and (
-        cache_features is True or (cache_features == "auto"
-                                   and _cache_bytes(wrapper, n, img_size, task_type) <= CACHE_LIMIT_BYTES))
-    if cache:
-        batch_size = min(batch_size, n)
-        cfg = replace(cfg, batch_size=batch_size, steps=_steps_for(epochs, steps, n, batch_size, cfg.accum_steps))
-        feats, targets = extract_features(wrapper, ds, max(32, min(batch_size, 128)), pick_device(cfg.device),
-                                          cfg.num_workers)
-        wrapper.head.norm.fit(feats)
-        train_ds = torch.utils.data.TensorDataset(feats, targets)
-        objective = HeadObjective(wrapper.head, task_type)
-        # cached features are in memory already: worker processes would only add IPC to every step
-        result = run_training(objective, train_ds, replace(cfg, num_workers=0), out, stage=f"finetune-{task}")
-    else:
-        cfg = replace(cfg, steps=_steps_for(epochs, steps, n, batch_size, cfg.accum_steps))
-        objective = TaskObjective(wrapper, task_type, frozen_backbone=frozen)
-        result = run_training(objective, ds, cfg, out, stage=f"finetune-{task}")
+        options = stage_options(None, task=task, head=head, frozen_backbone=frozen, img_size=img_size, data=data,
+                                length=length)
+        n = len(ds) if hasattr(ds, "__len__") and not isinstance(ds, torch.utils.data.IterableDataset) else None
+        cache = frozen and n is not None and (
+            cache_features is True or (cache_features == "auto"
+                                       and _cache_bytes(wrapper, n, img_size, task_type) <= CACHE_LIMIT_BYTES))
+        if cache:
+            batch_size = min(batch_size, n)
+            cfg = replace(cfg, batch_size=batch_size, steps=_steps_for(epochs, steps, n, batch_size, cfg.accum_steps))
+            feats, targets = extract_features(wrapper, ds, max(32, min(batch_size, 128)), pick_device(cfg.device),
+                                              cfg.num_workers)
+            wrapper.head.norm.fit(feats)
+            train_ds = torch.utils.data.TensorDataset(feats, targets)
+            objective = HeadObjective(wrapper.head, task_type)
+            objective.run_config = options
+            # cached features are in memory already: worker processes would only add IPC to every step
+            result = run_training(objective, train_ds, replace(cfg, num_workers=0), out, stage=f"finetune-{task}",
+                                  finished=is_finished(out))
+        else:
+            cfg = replace(cfg, steps=_steps_for(epochs, steps, n, batch_size, cfg.accum_steps))
+            objective = TaskObjective(wrapper, task_type, frozen_backbone=frozen)
+            objective.run_config = options
+            result = run_training(objective, ds, cfg, out, stage=f"finetune-{task}", finished=is_finished(out))
+        if result.already_finished:
+            return finished_result(wrapper, out, result.history)
 
-    metrics: dict[str, Any] = {"stage": "finetune", "task": task, "head": head, "frozen_backbone": frozen,
-                               "cached_features": bool(cache), "steps": result.steps, "img_size": img_size,
-                               "wall_time_s": result.wall_time_s, "train_images": n,
-                               **{f"train/{k}": v for k, v in result.final.items()}}
-    wrapper.eval()
-    if eval_ds_args is not None:
-        scores = evaluate(wrapper, **eval_ds_args)
-        if _is_main():
-            write_json(out / "eval.json", scores)
-        metrics["eval"] = scores
-        for key in ("top1", "miou", "mean_class_accuracy", "pixel_accuracy"):
-            if key in scores:
-                metrics[key] = scores[key]
-    return finish(wrapper, out, metrics, result.history)
+        metrics: dict[str, Any] = {"stage": "finetune", "task": task, "head": head, "frozen_backbone": frozen,
+                                   "cached_features": bool(cache), "steps": result.steps, "img_size": img_size,
+                                   "wall_time_s": result.wall_time_s, "train_images": n,
+                                   **{f"train/{k}": v for k, v in result.final.items()}}
+        wrapper.eval()
+        if eval_ds_args is not None:
+            scores = evaluate(wrapper, **eval_ds_args)
+            if _is_main():
+                write_json(out / "eval.json", scores)
+            metrics["eval"] = scores
+            for key in ("top1", "miou", "mean_class_accuracy", "pixel_accuracy"):
+                if key in scores:
+                    metrics[key] = scores[key]
+        return finish(wrapper, out, metrics, result.history)
 
 
 def _is_main() -> bool:

@@ -16,6 +16,7 @@ directory whose manifest verifies is used; a corrupt one is reported and skipped
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ FORMAT = "adala-checkpoint/1"
 MANIFEST = "manifest.json"
 TENSOR_FILES = ("student.safetensors", "optimizer.safetensors", "rng.safetensors")
 JSON_FILES = ("optimizer.json", "state.json")
+log = logging.getLogger("adala.train")
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 # TrainConfig fields that change the trajectory; the others (logging, workers, device...) may differ on resume.
 TRAJECTORY_FIELDS = (
@@ -245,10 +247,23 @@ def quarantine(paths: list[Path]) -> None:
             pass
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _changes(old: Any, new: Any) -> str:
+    """``img_size 56 -> 84, loss 'mse' -> 'cosine'`` for two run_config mappings (keys in sorted order)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{_short(old)} -> {_short(new)}"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys)
+
+
 def check_compatible(saved: dict, expected: dict, path: Path) -> None:
     """Refuse (one line, nothing written) to continue a checkpoint from another stage, model or config."""
     where = f"cannot resume from {path}"
-    hint = "use a new out_dir (or resume=False in an empty one)"
+    hint = "use a new --out (or run without --resume / resume=False in an empty one)"
     if saved.get("format") != FORMAT:
         raise CheckpointError(f"{where}: unknown checkpoint format {saved.get('format')!r}")
     if saved.get("stage") != expected["stage"]:
@@ -260,7 +275,13 @@ def check_compatible(saved: dict, expected: dict, path: Path) -> None:
         k = diff[0]
         raise CheckpointError(f"{where}: the student differs ({k}: {shapes.get(k)} in the checkpoint, "
                               f"{want.get(k)} now); {hint}")
-    for key, label in (("adala_config", "model config"), ("run_config", "stage options"),
+    if saved.get("run_config") is None and expected["run_config"] is not None:
+        log.warning("%s predates recorded stage options: img_size, loss, data... cannot be checked on this resume",
+                    path.name)
+    elif saved.get("run_config") != expected["run_config"]:
+        raise CheckpointError(f"{where}: the stage options differ "
+                              f"({_changes(saved.get('run_config'), expected['run_config'])}); {hint}")
+    for key, label in (("adala_config", "model config"),
                        ("trainable", "set of trainable parameters"), ("dataset_len", "dataset length")):
         if saved.get(key) != expected[key]:
             raise CheckpointError(f"{where}: the {label} differs from the checkpoint's; {hint}")

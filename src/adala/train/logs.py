@@ -7,6 +7,7 @@ skip a torn last line anyway.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -18,6 +19,8 @@ import torch
 from . import distributed as dist
 
 LOG_NAME = "log.jsonl"
+log = logging.getLogger("adala.train")
+_unwritable: set[str] = set()  # log files already reported: one line per file, not one per record
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,7 +49,10 @@ def log_event(out_dir: str | Path, record: dict) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
     except OSError as e:  # a log line is not worth a crash; checkpoint writes report a full disk loudly
-        warnings.warn(f"could not append to {path}: {e.strerror or e}", RuntimeWarning, stacklevel=2)
+        if str(path) not in _unwritable:  # a logged line, not a RuntimeWarning with its source line
+            _unwritable.add(str(path))
+            log.warning("could not append to %s: %s (its later lines are dropped too)", path,
+                        e.strerror or e)
 
 
 def read_log(out_dir: str | Path) -> list[dict]:

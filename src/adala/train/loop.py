@@ -8,6 +8,7 @@ stage gets them identically.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..data.base import set_skip_sink
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from . import distributed as dist
 from .checkpoint import (
@@ -85,6 +87,7 @@ class TrainResult:
     final: dict                     # mean metrics over the last log window, incl "loss"
     wall_time_s: float
     out_dir: Path
+    already_finished: bool = False  # resumed a finished run: nothing trained, nothing written
 
 
 def to_device(batch, device: torch.device, non_blocking: bool = False):
@@ -129,7 +132,7 @@ def _first_nonfinite_grad(named: list[tuple[str, nn.Parameter]]) -> str:
 
 
 def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, stage: str,
-          collate_fn=None) -> TrainResult:
+          collate_fn=None, finished: bool = False) -> TrainResult:
     """Train ``objective``'s trainable parameters (those with requires_grad) for ``cfg.steps`` updates.
 
     ``objective.student`` is what checkpoints hold (plus any trainable tensor outside it; a frozen teacher
@@ -137,6 +140,10 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
     and ``objective.ddp_find_unused_parameters``. Modules with parameters none of which train are kept in
     eval mode. Raises ConfigError/DataError before anything is written, CheckpointError on an incompatible
     resume or a failed write, NonFiniteError on a NaN/Inf loss or gradient.
+
+    ``finished``: the caller's outputs of this run already exist (a finished stage). A resume whose newest
+    checkpoint is compatible and already at ``cfg.steps`` then returns at once with ``already_finished`` and
+    the student restored, writing nothing (not even a log line), so ``--resume`` on a finished run is a no-op.
     """
     t_start = time.perf_counter()
     cfg.validate()
@@ -169,13 +176,20 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
         check_compatible(loaded.state, record, loaded.path)
     elif not cfg.resume and complete_checkpoints(root):
         raise CheckpointError(f"{root} already holds checkpoints ({complete_checkpoints(root)[-1][1].name}); "
-                              "pass resume=True to continue that run, or use another out_dir")
+                              "continue that run with --resume (resume=True in Python), or use another --out")
+    if loaded is not None and finished and int(loaded.state["step"]) >= cfg.steps:
+        start = run.restore(loaded)
+        history = [{k: v for k, v in r.items() if k != "time"} for r in read_log(out_dir)
+                   if "event" not in r and r.get("step", math.inf) <= start]
+        return TrainResult(steps=start, history=history, final={}, wall_time_s=time.perf_counter() - t_start,
+                           out_dir=out_dir, already_finished=True)
     dist.barrier()
     if main:
         quarantine(skipped)
         remove_stale(root)
         for p in skipped:
             log_event(out_dir, {"event": "corrupt_checkpoint", "path": p, "renamed_to": p.name + ".corrupt"})
+    sink = _open_skip_sink(dataset, out_dir)
     history: list[dict] = []
     start = 0
     if loaded is not None:
@@ -192,7 +206,10 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
     if main and bad:  # unreadable images never stop a run: they are counted and listed
         log_event(out_dir, {"event": "skipped_images", "count": len(bad),
                             "files": [{"path": str(p), "reason": str(r)} for p, r in bad]})
-        log.warning("%s: skipped %d unreadable image(s), listed in %s/log.jsonl", stage, len(bad), out_dir)
+        masks = sum("single-channel label map" in str(r) for _, r in bad)
+        what = (f"{len(bad)} unusable file(s) ({masks} with masks that are not single-channel label maps)"
+                if masks else f"{len(bad)} unreadable image(s)")
+        log.warning("%s: skipped %s, listed in %s/log.jsonl", stage, what, out_dir)
     last_ckpt = loaded.path.name if loaded is not None else None
 
     model: nn.Module = objective
@@ -258,13 +275,52 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
                 _save(run, root, step, record, cfg.keep, main)
                 last_ckpt = f"step-{step:07d}"
                 log_event(out_dir, {"event": "checkpoint", "step": step})
+        dist.barrier()  # every rank's late skips are in the sinks before rank 0 lists them
     finally:
         bar.close()
         if tb is not None:
             tb.close()
+        if sink is not None:
+            set_skip_sink(dataset, None)
+            if main:
+                _report_late_skips(out_dir, stage)
     final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step", "lr", "imgs_per_s")}
     return TrainResult(steps=step, history=history, final=final, wall_time_s=time.perf_counter() - t_start,
                        out_dir=out_dir)
+
+
+_SINK = ".skipped.rank{}.jsonl"
+
+
+def _open_skip_sink(dataset, out_dir: Path) -> Path | None:
+    """Have the dataset note samples it skips while being read (in any worker) in a per-rank sink file."""
+    sink = out_dir / _SINK.format(dist.rank())
+    if not set_skip_sink(dataset, None):
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sink.unlink(missing_ok=True)  # left by a run killed before it could list them
+    set_skip_sink(dataset, str(sink))
+    return sink
+
+
+def _report_late_skips(out_dir: Path, stage: str) -> None:
+    """List the samples skipped during training (every rank's sink) in log.jsonl, one line on stderr."""
+    files: list[dict] = []
+    for path in sorted(out_dir.glob(_SINK.format("*"))):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                files.append(json.loads(line))
+            except ValueError:
+                continue
+        path.unlink(missing_ok=True)
+    if files:
+        log_event(out_dir, {"event": "skipped_images", "count": len(files), "during": "training", "files": files})
+        log.warning("%s: skipped %d unreadable sample(s) while reading the data, listed in %s/log.jsonl", stage,
+                    len(files), out_dir)
 
 
 def _save(run: RunState, root: Path, step: int, record: dict, keep: int, main: bool) -> None:
