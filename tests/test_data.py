@@ -13,8 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from adala.data import SPEC_FORMS, build_dataset, describe, load_photo, photo_names
-from adala.data.photos import pool_sources
 from adala.data import fashion_mnist as fm
+from adala.data.photos import pool_sources
 from adala.errors import DataError
 
 MEAN = (0.485, 0.456, 0.406)
