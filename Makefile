@@ -20,10 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Fashion-MNIST comes from Debian (offline-friendly); only root can apt-get, others get a hint at use time.
+# Fashion-MNIST and the high-resolution wallpapers come from Debian (offline-friendly); only root can apt-get,
+# others get a one-line hint at use time.
+DEBIAN_DATA := dataset-fashion-mnist plasma-workspace-wallpapers
 data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist); \
+	@if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/wallpapers/Path ]; } \
+		&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q $(DEBIAN_DATA) || (apt-get update -q && apt-get install -y -q $(DEBIAN_DATA)); \
 	fi
 
 lint: $(STAMP)

@@ -85,6 +85,8 @@ def build_dataset(
             raise DataError(f"unknown {kind} split {chosen!r}; use train or heldout")
         from .photos import PhotosDataset
 
+        if train and (kind == "heldout" or _PHOTO_SPLITS.get(chosen, False)):
+            raise DataError(f"{spec!r} is an evaluation set of held-out photos; train on photos or wallpapers")
         heldout = kind == "heldout" or (not train) or _PHOTO_SPLITS.get(chosen, False)
         return PhotosDataset(heldout=heldout, collection=kind, **common)
     if kind == "fashion-mnist":
