@@ -93,6 +93,7 @@ def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     else:
         default = fam
     kw = {**default.timm_kwargs(), **kwargs}
+    _probe_family(name, kw, fam is None)
     try:
         with _offline_unless_reachable(pretrained):
             model = timm.create_model(name, pretrained=pretrained, **kw)
@@ -112,6 +113,26 @@ def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     fam.install(model, antialias)
     arch = model.default_cfg.get("architecture", base) if hasattr(model, "default_cfg") else base
     return set_config(model, teacher_config(arch, kw, f"timm:{name}", model, antialias))
+
+
+def _probe_family(name: str, kw: dict[str, Any], unknown_module: bool) -> None:
+    """Build the architecture on the meta device (no memory, no weights, no network) so an unsupported one
+    fails in one line naming the supported families before any download is tried."""
+    import torch
+
+    from .families import family_of, supported
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name.split(".")[0], pretrained=False, **kw)
+    except TypeError as e:
+        if unknown_module:
+            raise UnsupportedModelError(f"timm model {name!r} is not a supported architecture; "
+                                        f"supported: {supported()}") from None
+        raise UnknownTeacherError(f"timm model {name!r} does not accept {sorted(kw)}: {e}") from None
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: the real build decides
+        return
+    family_of(probe)
 
 
 @contextlib.contextmanager
