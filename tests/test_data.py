@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from adala.data import SPEC_FORMS, build_dataset, describe, load_photo, photo_names
 from adala.data import fashion_mnist as fm
+from adala.data.photos import pool_sources
 from adala.errors import DataError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +54,7 @@ def test_photos_items_shape_stats_and_determinism():
     ds = build_dataset("photos", task="unlabeled", img_size=40, **KW, length=64)
     assert len(ds) == 64
     assert ds.num_classes is None
-    n = len(photo_names())
+    n = len(pool_sources("photos", False))  # train split: held-out sources excluded
     xs = torch.stack([ds[i] for i in range(2 * n)])
     assert xs.shape == (2 * n, 3, 40, 40) and xs.dtype == torch.float32
     assert torch.isfinite(xs).all()
@@ -71,11 +72,11 @@ def test_photos_items_shape_stats_and_determinism():
 
 def test_photos_heldout_is_fixed_views():
     ds = build_dataset("photos", task="unlabeled", img_size=32, **KW, train=False)
-    n = len(photo_names())
-    assert len(ds) == 4 * n
+    n = len(pool_sources("photos", True))
+    assert len(ds) == 2 * n
     same = build_dataset("photos:heldout", task="unlabeled", img_size=32, **KW, seed=7)
-    assert len(same) == 4 * n
-    for i in (0, n + 1, 3 * n + 2):
+    assert len(same) == 2 * n
+    for i in (0, n + 1, 2 * n - 1):
         assert torch.equal(ds[i], same[i])  # no randomness at all
     assert not torch.equal(ds[0], ds[n])  # views 0 and 1 of photo 0 differ
     with pytest.raises(DataError, match="no labels"):
@@ -393,5 +394,29 @@ def test_unknown_spec_lists_accepted_forms():
 
 
 def test_describe():
-    assert describe("photos").startswith(f"photos: {len(photo_names())} ")
+    assert describe("photos").startswith(f"photos: {len(pool_sources('photos', False))} ")
     assert "missing" in describe("folder:/definitely/not/here")
+
+
+# ---------------------------------------------------------------- large segmentation canvases and digits
+def test_large_seg_canvases_have_many_items():
+    small = build_dataset("fashion-mnist-seg:test", task="segmentation", img_size=84, **KW, train=False, length=8)
+    large = build_dataset("fashion-mnist-seg-large:test", task="segmentation", img_size=448, **KW, train=False,
+                          length=8)
+    img, mask = large.canvas(0)
+    assert img.shape == mask.shape == (224, 224)
+    items = [large.canvas(i)[1] for i in range(8)]
+    # 16-32 items per canvas: far more labelled pixels (and classes) than the 2-4 of the 84² canvases
+    assert min(len(m[m > 0]) for m in items) > 4 * max(len(small.canvas(i)[1][small.canvas(i)[1] > 0])
+                                                         for i in range(8)) / 2
+    x, m = large[0]
+    assert x.shape == (3, 448, 448) and m.shape == (448, 448) and len(m.unique()) >= 6
+
+
+def test_sklearn_digits_split_and_labels():
+    tr = build_dataset("digits:train", task="classification", img_size=56, **KW, train=False)
+    te = build_dataset("digits:test", task="classification", img_size=56, **KW, train=False)
+    assert (len(tr), len(te)) == (1200, 597) and tr.num_classes == 10
+    x, y = te[0]
+    assert x.shape == (3, 56, 56) and 0 <= y < 10
+    assert {te[i][1] for i in range(60)} == set(range(10))

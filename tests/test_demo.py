@@ -19,7 +19,10 @@ stages:
   stage1: {kind: align-attention, from: student, data: photos, steps: 2, batch_size: 2, lr: 1.0e-3}
   stage2: {kind: align-features, from: stage1, data: photos, steps: 3, batch_size: 2, lr: 1.0e-4}
   stage2_only: {kind: align-features, from: student, data: photos, steps: 3, batch_size: 2, lr: 1.0e-4}
-  fidelity: {kind: evaluate, from: stage2, task: features, data: "photos:heldout", teacher: true}
+  fidelity: {kind: evaluate, from: stage2, task: features, data: "photos:heldout", teacher: true, img_size: [28, 56],
+             length: 2}
+  fidelity_none: {kind: evaluate, from: student, task: features, data: "photos:heldout", teacher: true,
+                  img_size: [28, 56], length: 2}
   probe_teacher: {kind: finetune, from: teacher, task: linear-probe, data: "fashion-mnist:train", length: 60,
                   eval_data: "fashion-mnist:test", eval_length: 40}
   probe: {kind: finetune, from: stage2, task: linear-probe, data: "fashion-mnist:train", length: 60,
@@ -41,10 +44,10 @@ def test_short_demo_writes_a_traceable_report(tmp_path):
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(RECIPE)
     out = tmp_path / "run"
-    report = run_demo(cfg, out, resolutions=[28, 56], repeats=1, memory=False)
+    report = run_demo(cfg, out, resolutions=[28, 56], repeats=1, memory=False, pca_size=56)
     text = report.read_text()
     for name in ["summary.json", "bench.json", "report_sources.json", "loss_curves.png", "layer_fidelity.png",
-                 "feature_pca.png", "throughput.png"]:
+                 "feature_pca.png", "throughput.png", "fidelity_resolution.png"]:
         assert (out / name).is_file(), name
         if name.endswith(".png"):
             pixels = np.asarray(Image.open(out / name).convert("L"), dtype=np.float32)
@@ -59,6 +62,7 @@ def test_short_demo_writes_a_traceable_report(tmp_path):
         assert format(float(value) * src["scale"], src["spec"]) == src["text"]
         assert src["text"] in text
     assert "| none |" in text and "| stage 1 + 2 |" in text and "22.92" in text
+    assert "| 28² | 56² |" in text  # the fidelity-vs-resolution table, one column per evaluated size
     assert "full fine-tune top-1 (%), 2 steps |" in text  # the step count is read from the run, too
     # the reported numbers are the run's: top-1 of the student probe, from summary.json
     summary = json.loads((out / "summary.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adala
+from adala.data import build_dataset
 from adala.errors import ConfigError
 from adala.evaluate import evaluate, fidelity
 from adala.evaluate.metrics import ConfusionMatrix, classification_scores, segmentation_scores
@@ -69,7 +70,7 @@ def test_evaluate_needs_a_head_and_a_teacher_for_features(tmp_path):
     t = _tiny()
     with pytest.raises(ConfigError, match="classification head"):
         evaluate(t, task="classification", data="fashion-mnist:test", img_size=56, length=4)
-    with pytest.raises(ConfigError, match="needs a teacher"):
+    with pytest.raises(ConfigError, match="needs one"):
         evaluate(t, task="features", data="photos:heldout", img_size=56)
     with pytest.raises(ConfigError, match="multiple of the patch size"):
         evaluate(t, task="features", data="photos:heldout", img_size=50, teacher=t)
@@ -89,3 +90,97 @@ def test_evaluate_classification_writes_json(tmp_path):
     res = evaluate(model, task="features", data="photos:heldout", img_size=56, length=4, teacher=t,
                    out=tmp_path / "d")
     assert (tmp_path / "d" / "eval.json").is_file() and "top1" not in res
+
+
+# ---------------------------------------------------------------- structure agreement and correspondence
+def _permuted_patches(teacher: torch.nn.Module) -> torch.nn.Module:
+    """A 'student' that returns the teacher's tokens with the patch tokens shuffled: every token is still a
+    teacher token (per-token statistics intact), but which patch is where is lost."""
+    import copy
+
+    model = copy.deepcopy(teacher)
+    inner = model.forward_features
+    p = model.num_prefix_tokens
+
+    def forward_features(x: torch.Tensor) -> torch.Tensor:
+        out = inner(x)
+        perm = torch.randperm(out.shape[1] - p, generator=torch.Generator().manual_seed(1))
+        return torch.cat([out[:, :p], out[:, p:][:, perm]], 1)
+
+    model.forward_features = forward_features
+    return model
+
+
+def test_structure_agreement_by_hand():
+    from adala.evaluate.fidelity import structure_agreement
+
+    # 1-D points on a line: each point's 2 nearest (cosine on 2-D unit vectors at angles) are its neighbours
+    ang = torch.linspace(0, 1.5, 8)
+    pts = torch.stack([ang.cos(), ang.sin()], -1)
+    assert structure_agreement(pts, pts, k=2) == pytest.approx(1.0)
+    # reversing a line keeps every neighbourhood ({i-1, i+1} either way); a random shuffle of random
+    # features does not: overlap near the chance level k/(N-1)
+    assert structure_agreement(pts.flip(0), pts, k=2) == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(64, 16, generator=g)
+    shuffled = structure_agreement(feats[torch.randperm(64, generator=g)], feats, k=5)
+    assert shuffled < 0.25
+    # a scaled copy has the same cosine neighbourhoods
+    assert structure_agreement(3 * pts, pts, k=2) == pytest.approx(1.0)
+
+
+def test_teacher_scores_one_and_permuted_student_scores_low(embedded_teacher):
+    from adala.evaluate.correspondence import correspondence
+    from adala.evaluate.fidelity import FidelityMeter
+
+    t = embedded_teacher
+    ds = build_dataset("photos:heldout", task="unlabeled", img_size=112, mean=(0.485, 0.456, 0.406),
+                       std=(0.229, 0.224, 0.225))
+    x = torch.stack([ds[i] for i in range(3)])
+    with torch.no_grad():
+        tt = t.forward_features(x)
+        perm = _permuted_patches(t).forward_features(x)
+    same, shuffled = FidelityMeter(1), FidelityMeter(1)
+    same.add_tokens(tt, tt, 1)
+    shuffled.add_tokens(perm, tt, 1)
+    a, b = same.result(), shuffled.result()
+    assert a["final_cosine"] == pytest.approx(1.0) and a["structure_k10"] == pytest.approx(1.0)
+    assert a["cls_cosine"] == pytest.approx(1.0)
+    assert b["cls_cosine"] == pytest.approx(1.0)  # the CLS token is untouched by the shuffle
+    assert b["structure_k10"] < 0.2 and b["final_cosine"] < 0.8
+
+    from adala.data.photos import _image_tensor, pool_sources
+
+    images = [_image_tensor(p) for _, p in pool_sources("photos", True)[:3]]
+    acc = correspondence({"teacher": t, "again": t, "permuted": _permuted_patches(t)}, images, 112,
+                         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert acc["again"] == acc["teacher"] > 0.2
+    assert acc["permuted"] < 0.5 * acc["teacher"]
+
+
+def test_match_accuracy_by_hand():
+    from adala.evaluate.correspondence import match_accuracy
+
+    grid = 4
+    feats = torch.eye(grid * grid)  # every A patch unique
+    # B = A itself (zoom 1, no offset): each B patch matches the same A patch -> all correct
+    assert match_accuracy(feats, feats, grid, (0.0, 0.0, 1.0)) == (16, 16)
+    # B's patches all look like A's patch 0: only B patches whose true location is within one patch of it
+    ok, n = match_accuracy(feats, feats[[0] * 16], grid, (0.0, 0.0, 1.0))
+    assert (ok, n) == (4, 16)  # B patches (0,0), (0,1), (1,0), (1,1)
+
+
+def test_evaluate_several_sizes_and_correspondence(tmp_path):
+    t = _tiny()
+    s = adala.linearize(t, "linear-elu")
+    res = evaluate(s, task="features", data="photos:heldout", img_size=[28, 56], teacher=t, length=2,
+                   out=tmp_path / "f.json")
+    assert set(res["by_size"]) == {"28", "56"}
+    for r in res["by_size"].values():
+        f = r["fidelity"]
+        assert 0 <= f["structure_k10"] <= 1 and -1 <= f["cls_cosine"] <= 1 and f["num_images"] == 2
+    assert json.loads((tmp_path / "f.json").read_text())["img_size"] == [28, 56]
+    c = evaluate(s, task="correspondence", data="photos:heldout", img_size=56, teacher=t, length=2)
+    assert c["num_pairs"] == 2 and 0 <= c["accuracy"] <= 1 and c["images"] == ["chelsea", "coffee"]
+    with pytest.raises(ConfigError, match="photo collection"):
+        evaluate(s, task="correspondence", data="fashion-mnist:test", img_size=56, teacher=t)

@@ -118,14 +118,16 @@ def test_older_transformers_names_map_the_same(family, prefix):
     assert all(torch.equal(new[k], v) for k, v in vit.state_dict().items())
 
 
-def test_linearize_takes_a_hf_model_and_rejects_other_hf_classes():
+def test_linearize_keeps_a_hf_model_and_rejects_other_hf_classes():
     model = _tiny("dinov2")
-    student = adala.linearize(model)
-    assert isinstance(student, VisionTransformer)
-    assert block_kinds(student) == ["linear-elu", "linear-elu"]
-    assert student.adala_config["attention"]["kind"] == "linear-elu"
+    student = adala.linearize(model)  # HF stays HF (tests/test_hf_attention.py); to_timm is the explicit bridge
+    assert type(student) is tf.Dinov2Model and student.config._attn_implementation == "adala-linear-elu"
+    timm_student = adala.linearize(hf.to_timm(model))
+    assert isinstance(timm_student, VisionTransformer)
+    assert block_kinds(timm_student) == ["linear-elu", "linear-elu"]
+    assert timm_student.adala_config["attention"]["kind"] == "linear-elu"
     with torch.no_grad():
-        assert student.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 17, 64)
+        assert timm_student.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 17, 64)
 
     bert = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=64, vocab_size=50))

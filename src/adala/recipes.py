@@ -128,19 +128,30 @@ TRAIN_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "amp": _choice("auto", "bf16", "fp16", "fp32"), "num_workers": _int(0), "log_every": _int(1),
     "ckpt_every": _int(0), "keep": _int(1), "device": _choice("auto", "cpu", "cuda"), "progress": _bool,
 }
-COMMON = {"kind": _str, "from": _str, "img_size": _int(1)}
+def _sizes(key: str, v: Any) -> Any:
+    """One image size, or (align-features, evaluate) a non-empty list of sizes."""
+    if isinstance(v, list) and v:
+        for i, x in enumerate(v):
+            _int(1)(f"{key}[{i}]", x)
+        return v
+    return _int(1)(key, v)
+
+
+MULTI_SIZE_KINDS = ("align-features", "evaluate")
+COMMON = {"kind": _str, "from": _str, "img_size": _sizes}
 KIND_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "linearize": {"attention": _str, "keep_softmax": _int_list, "options": _mapping},
     "align-attention": {"attention": _str, "data": _data, "steps": _int(1), "batch_size": _int(1), "lr": _num(),
                         "train": _choice("attention", "attention+proj", "all"), "length": _int(1), **TRAIN_KEYS},
     "align-features": {"data": _data, "steps": _int(1), "batch_size": _int(1), "lr": _num(),
-                       "loss": _choice("mse", "cosine", "mse+cosine"),
+                       "loss": _choice("mse", "cosine", "mse+cosine", "cosine+smooth-l1"),
                        "train": _choice("all", "attention", "attention+proj"), "length": _int(1), **TRAIN_KEYS},
     "finetune": {"task": _choice("classification", "linear-probe", "segmentation"), "data": _str,
                  "epochs": _num(), "steps": _int(1), "batch_size": _int(1), "lr": _num(), "head": _str,
                  "freeze_backbone": _bool, "length": _int(1), "eval_data": _str, "eval_length": _int(1),
                  "cache_features": _cache, **TRAIN_KEYS},
-    "evaluate": {"task": _choice("classification", "linear-probe", "segmentation", "features"), "data": _str,
+    "evaluate": {"task": _choice("classification", "linear-probe", "segmentation", "features", "correspondence"),
+                 "data": _str,
                  "teacher": _teacher_flag, "batch_size": _int(1), "length": _int(1),
                  "device": _choice("auto", "cpu", "cuda"), "num_workers": _int(0)},
 }
@@ -252,6 +263,8 @@ def parse_recipe(raw: Any, source: str | None = None) -> Recipe:
             if k not in allowed:
                 raise ConfigError(f"{key}.{k}: unknown key for a {kind} stage (known: {', '.join(sorted(allowed))})")
             allowed[k](f"{key}.{k}", v)
+        if isinstance(body.get("img_size"), list) and kind not in MULTI_SIZE_KINDS:
+            raise ConfigError(f"{key}.img_size: a list of sizes is only for {' and '.join(MULTI_SIZE_KINDS)} stages")
         for k in REQUIRED.get(kind, ()):
             if k not in body:
                 raise ConfigError(f"{key}.{k}: required for a {kind} stage")
@@ -267,9 +280,11 @@ def parse_recipe(raw: Any, source: str | None = None) -> Recipe:
             raise ConfigError(f"{key}.from: {kind} trains a linearized student, not the teacher")
         opts = {k: v for k, v in body.items() if k not in ("kind", "from")}
         opts.setdefault("img_size", img_size)
-        if patch and opts["img_size"] % patch:
-            where = f"{key}.img_size" if "img_size" in body else "img_size"
-            raise ConfigError(f"{where}: {opts['img_size']} is not a multiple of the teacher's patch size {patch}")
+        sizes = opts["img_size"] if isinstance(opts["img_size"], list) else [opts["img_size"]]
+        for size in sizes:
+            if patch and size % patch:
+                where = f"{key}.img_size" if "img_size" in body else "img_size"
+                raise ConfigError(f"{where}: {size} is not a multiple of the teacher's patch size {patch}")
         if kind != "linearize":
             for k, v in defaults.items():
                 if k in KIND_KEYS[kind] and k not in opts:
@@ -391,7 +406,9 @@ def _run(recipe: Recipe, out: Path, fresh: bool, say: Callable[[str], None]) -> 
     from .stages.common import check_img_size
 
     for st in recipe.stages:  # teachers whose patch size was not visible in the spec
-        check_img_size(teacher, st.options["img_size"], f"stages.{st.name}.img_size")
+        sizes = st.options["img_size"]
+        for size in sizes if isinstance(sizes, list) else [sizes]:
+            check_img_size(teacher, size, f"stages.{st.name}.img_size")
     summary: dict[str, Any] = {"recipe": recipe.source, "teacher": recipe.teacher, "img_size": recipe.img_size,
                                "seed": recipe.seed, "stages": []}
     prints: dict[str, str] = {}
@@ -446,4 +463,13 @@ def headline(metrics: dict) -> str:
     fid = metrics.get("fidelity")
     if isinstance(fid, dict):
         parts += [f"final_cosine={fid['final_cosine']:.4f}", f"attn_rel_err={fid['attn_rel_err_mean']:.4f}"]
+    for size, res in (metrics.get("by_size") or {}).items():
+        f = res.get("fidelity") or {}
+        if "final_cosine" in f:
+            parts.append(f"{size}²: cos={f['final_cosine']:.3f} cls={f['cls_cosine']:.3f} "
+                         f"struct={f['structure_k10']:.3f}")
+        elif "accuracy" in res:
+            parts.append(f"{size}²: match={res['accuracy']:.3f} ({res['ratio_to_teacher']:.1%} of teacher)")
+    if metrics.get("task") == "correspondence" and "accuracy" in metrics:
+        parts.append(f"match={metrics['accuracy']:.3f} ({metrics['ratio_to_teacher']:.1%} of teacher)")
     return " ".join(parts)

@@ -5,6 +5,17 @@ Inference (no autograd) straight from the packed qkv projection: on CUDA two Tri
 with the output projection folded into the attention state when nothing sits between them
 (``fused_linear_attention_proj``). Everything else (training, CPU autocast, hooks on ``qkv``, q/k
 norms, ``kernel="torch"``) goes through ``mix`` and the shared plumbing. Results agree to float rounding.
+
+Two options work against *attention dilution* — at thousands of tokens φ(q)·φ(k) is far flatter than softmax,
+so every output drifts towards the mean value — and both start as exact identities of the plain kind:
+
+* ``temperature=True``: a learnable per-head scale on q and on k *before* φ (``exp(log_tau)``, init 0). ELU+1 is
+  not scale-invariant, so a larger scale makes φ(q)·φ(k) peakier, as softmax's 1/√d scale does. (For ReLU the
+  scale cancels in the normaliser; the option is accepted but does nothing useful there.)
+* ``dwc=K``: a depthwise K×K convolution over V on the patch grid, added to the patch tokens' output
+  (FLatten's and EfficientViT's rank restoration: linear attention's output has rank ≤ d; a local conv restores
+  the fine local detail softmax's peaked attention gives). Zero-initialised; prefix tokens get none.
+  Costs K²·C FLOPs per token, under 1 % of a block at K=3.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from .kernels import (
     packed_projection,
 )
 from .registry import register
+from .window_hybrid import patch_grid
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 KERNELS = ("auto", "torch")
@@ -40,27 +52,58 @@ def _tracing() -> bool:
 class LinearAttention(KernelAttention):
     feature_map_name = "elu"
 
-    def __init__(self, attn: nn.Module, eps: float = DEFAULT_EPS, kernel: str = "auto", **options: Any) -> None:
+    def __init__(self, attn: nn.Module, eps: float = DEFAULT_EPS, kernel: str = "auto", temperature: bool = False,
+                 dwc: int = 0, **options: Any) -> None:
         """``kernel``: "auto" takes the fastest exact path for the call (Triton on CUDA inference, the
         fused torch kernel on CPU); "torch" always takes the generic ``mix`` path (the reference for
-        benchmarks and debugging)."""
-        if kernel not in KERNELS:
-            from ..errors import ConfigError
+        benchmarks and debugging). ``temperature`` / ``dwc``: see the module docstring."""
+        from ..errors import ConfigError
 
+        if kernel not in KERNELS:
             raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        super().__init__(attn, eps=eps, kernel=kernel, **options)
+        if not isinstance(temperature, bool):
+            raise ConfigError(f"temperature must be true or false, got {temperature!r}")
+        if isinstance(dwc, bool) or not isinstance(dwc, int) or dwc < 0 or (dwc and dwc % 2 == 0):
+            raise ConfigError(f"dwc must be 0 (off) or a positive odd kernel size, got {dwc!r}")
+        extra = {k: v for k, v in (("temperature", temperature), ("dwc", dwc)) if v}
+        super().__init__(attn, eps=eps, kernel=kernel, **extra, **options)
         self.eps = float(eps)
         self.kernel = kernel
         self.feature_map = FEATURE_MAPS[self.feature_map_name]
+        # (2, H, 1): log-scales of q and k per head, broadcast over tokens and channels
+        self.log_tau = nn.Parameter(torch.zeros(2, self.num_heads, 1)) if temperature else None
+        self.dwc = None
+        if dwc:
+            self.dwc = nn.Conv2d(self.attn_dim, self.attn_dim, dwc, padding=dwc // 2, groups=self.attn_dim)
+            nn.init.zeros_(self.dwc.weight)
+            nn.init.zeros_(self.dwc.bias)
+            self.uses_grid = True  # surgery's patch-grid tracker keeps self.grid fresh
+            self.grid: tuple[int, int] | None = None
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return linear_attention(self.feature_map(q), self.feature_map(k), v, self.eps)
+        if self.log_tau is not None:
+            tau = self.log_tau.exp().to(q.dtype).view(2, 1, self.num_heads, 1, 1)  # against (B, H, N, D)
+            q, k = q * tau[0], k * tau[1]
+        out = linear_attention(self.feature_map(q), self.feature_map(k), v, self.eps)
+        if self.dwc is not None:
+            b, h, n, d = v.shape
+            conv = self.local_conv(v.transpose(1, 2).reshape(b, n, h * d)).view(b, -1, h, d).transpose(1, 2)
+            prefix = n - conv.shape[2]
+            out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + conv.to(out.dtype)], dim=2)
+        return out
+
+    def local_conv(self, v_tokens: torch.Tensor) -> torch.Tensor:
+        """``dwc`` over the patch tokens of V given as (B, N, H·D) -> (B, N − prefix, H·D)."""
+        b, n, c = v_tokens.shape
+        prefix, h, w = patch_grid(self, n)
+        grid = v_tokens[:, prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.dwc(grid).flatten(2).transpose(1, 2)
 
     def _plain_inference(self, x: torch.Tensor) -> bool:
         """No autograd, no tracer, no hooks on ``qkv`` and the plain mix (no q/k norm, no subclass mix):
         what every fused path needs, since it reads (CPU: overwrites) the packed projection directly."""
         records_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.qkv.parameters())
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         return (
             self.kernel == "auto"
@@ -89,6 +132,7 @@ class LinearAttention(KernelAttention):
         return (
             isinstance(self.norm, nn.Identity)
             and self.gate is None
+            and self.dwc is None
             and isinstance(self.proj, nn.Linear)
             and not (self.proj._forward_hooks or self.proj._forward_pre_hooks)
         )
@@ -99,11 +143,27 @@ class LinearAttention(KernelAttention):
         if attn_mask is not None or not self.can_fuse(x):
             return super().forward(x, attn_mask=attn_mask, **kw)
         qkv = packed_projection(x, self.qkv)  # CPU: a reused workspace, consumed in place right here
+        self._scale_qk_(qkv)
         if self.can_fold_proj() and x.shape[1] >= self.proj.out_features:  # fewer FLOPs only from N ≥ C on
             out = fused_linear_attention_proj(qkv, self.num_heads, self.head_dim, self.proj.weight, self.proj.bias,
                                               self.feature_map_name, self.eps)
             return self.proj_drop(out)
         out = fused_linear_attention(qkv, self.num_heads, self.head_dim, self.feature_map_name, self.eps)
+        return self._finish(out, qkv, x)
+
+    def _scale_qk_(self, qkv: torch.Tensor) -> None:
+        """Apply ``temperature`` in place on the q|k thirds of a packed (B, N, 3·H·D) projection."""
+        if self.log_tau is not None:
+            b, n, _ = qkv.shape
+            qk = qkv[..., : 2 * self.attn_dim].view(b, n, 2, self.num_heads, self.head_dim)
+            qk.mul_(self.log_tau.detach().exp().to(qkv.dtype))
+
+    def _finish(self, out: torch.Tensor, qkv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H·D) attention output of a fused path -> the module output: dwc, norm, gate, proj."""
+        if self.dwc is not None:
+            conv = self.local_conv(qkv[..., 2 * self.attn_dim:])
+            prefix = out.shape[1] - conv.shape[1]
+            out[:, prefix:] += conv.to(out.dtype)
         out = self.norm(out)
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()
@@ -124,12 +184,10 @@ class LinearAttention(KernelAttention):
         from . import triton_kernels
 
         qkv = self.qkv(x)
+        self._scale_qk_(qkv)
         out = triton_kernels.linear_attention_triton(qkv, self.num_heads, self.head_dim, self.feature_map_name,
                                                      self.eps)
-        out = self.norm(out)
-        if self.gate is not None:
-            out = out * self.gate(x).sigmoid()
-        return self.proj_drop(self.proj(out))
+        return self._finish(out, qkv, x)
 
 
 @register("linear-elu")

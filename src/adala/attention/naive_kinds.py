@@ -125,3 +125,35 @@ def focused_reference(q, k, v, feature_scale, p, dwc_weight, dwc_bias, prefix, g
                 if 0 <= yj < h and 0 <= xj < w:
                     conv[:, :, i] += wt[:, dy + r, dx + r] * vv[:, :, prefix + yj * w + xj]
     return torch.cat([out[:, :, :prefix], out[:, :, prefix:] + conv], dim=2)
+
+
+def linear_options_reference(q, k, v, log_tau, conv_weight, conv_bias, prefix: int, h: int, w: int,
+                             eps: float = 1e-6) -> torch.Tensor:
+    """linear-elu with ``temperature`` (per-head scales on q, k before φ) and ``dwc`` (depthwise conv over V on
+    the patch grid, added to patch tokens), written out: the N×N kernel matrix and the conv as explicit loops."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, heads, n, d = v.shape
+    if log_tau is not None:
+        q = q * log_tau[0].double().exp().view(1, heads, 1, 1)
+        k = k * log_tau[1].double().exp().view(1, heads, 1, 1)
+
+    def phi(x):
+        return torch.where(x > 0, x + 1, torch.exp(x))
+
+    out = _apply(torch.einsum("bhnd,bhmd->bhnm", phi(q), phi(k)), v, eps)
+    if conv_weight is not None:
+        size = conv_weight.shape[-1]
+        r = size // 2
+        vg = v[:, :, prefix:].transpose(1, 2).reshape(b, h, w, heads * d)  # channel c = head * d + j
+        conv = torch.zeros_like(vg)
+        for y in range(h):
+            for x in range(w):
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        yy, xx = y + dy, x + dx
+                        if 0 <= yy < h and 0 <= xx < w:
+                            conv[:, y, x] += vg[:, yy, xx] * conv_weight[:, 0, dy + r, dx + r].double()
+                conv[:, y, x] += conv_bias.double()
+        conv = conv.reshape(b, h * w, heads, d).transpose(1, 2)
+        out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + conv], 2)
+    return out

@@ -20,7 +20,7 @@ def default_config() -> Path:
 
 
 def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int] = (224, 448, 896),
-             repeats: int = 3, memory: bool = True) -> Path:
+             repeats: int = 3, memory: bool = True, pca_size: int = 896) -> Path:
     """Recipe -> bench (teacher vs the stage-2 student) -> report; returns the report path."""
     from ..bench import bench, write_json
     from ..recipes import run_recipe
@@ -38,7 +38,7 @@ def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int
                             + ",".join(map(str, resolutions))
         write_json(record, bench_file)
     commands = ["make demo", f"adala demo --config {config} --out {out}"]
-    report = write_report(out, commands=commands, config_text=Path(config).read_text())
+    report = write_report(out, commands=commands, config_text=Path(config).read_text(), pca_size=pca_size)
     (out / "demo_time.json").write_text(json.dumps({"wall_time_s": round(time.perf_counter() - t0, 1)}) + "\n")
     return report
 

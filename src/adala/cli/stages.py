@@ -95,13 +95,30 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sizes(text: str) -> int | list[int]:
+    """``224`` -> 224, ``224,448`` -> [224, 448] (argparse turns the ValueError into a one-line usage error)."""
+    parts = [int(p) for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(text)
+    return parts[0] if len(parts) == 1 and "," not in text else parts
+
+
 def _table(result: dict) -> None:
+    if "by_size" in result:
+        for size, res in result["by_size"].items():
+            print(f"--- {size}x{size}")
+            _table(res)
+        return
+    if result.get("task") == "correspondence":
+        for k in ("teacher_accuracy", "accuracy", "ratio_to_teacher"):
+            print(f"{k:<18}  {result[k]:.4f}")
+        return
     rows = [(k, result[k]) for k in ("top1", "mean_class_accuracy", "miou", "pixel_accuracy") if k in result]
     per = result.get("per_class_accuracy") or result.get("per_class_iou") or {}
     fid = result.get("fidelity")
     if fid:
-        rows += [("final_cosine", fid["final_cosine"]), ("final_rel_err", fid["final_rel_err"]),
-                 ("attn_rel_err_mean", fid["attn_rel_err_mean"])]
+        rows += [(k, fid[k]) for k in ("final_cosine", "cls_cosine", "final_rel_err", "structure_k10",
+                                       "attn_rel_err_mean") if k in fid]
     width = max([len(k) for k, _ in rows] + [len(k) for k in per] + [8])
     for k, v in rows:
         print(f"{k:<{width}}  {v:.4f}")
@@ -163,11 +180,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", required=True, help="model directory (stage-1 output or linearized)")
     p.add_argument("--data", action="append", default=None,
                    help="unlabeled image data spec (repeat to mix sources in equal parts; default photos)")
-    p.add_argument("--img-size", dest="img_size", type=int, default=224)
+    p.add_argument("--img-size", dest="img_size", type=_sizes, default=224,
+                   help="training resolution, or several (224,448): each batch at one of them (default 224)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--loss", choices=["mse", "cosine", "mse+cosine"], default="mse")
+    p.add_argument("--loss", choices=["mse", "cosine", "mse+cosine", "cosine+smooth-l1"], default="mse")
     p.add_argument("--train", choices=["all", "attention", "attention+proj"], default="all")
     p.add_argument("--out", required=True)
     _add_train_args(p)
@@ -193,10 +211,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="top-1 / mIoU, and fidelity to a teacher")
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation", "features"],
-                   required=True)
+    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation", "features",
+                                      "correspondence"], required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--img-size", dest="img_size", type=int, default=224)
+    p.add_argument("--img-size", dest="img_size", type=_sizes, default=224,
+                   help="resolution, or several (224,448,896): each scored on the same images (default 224)")
     p.add_argument("--teacher", default=None, help="also measure fidelity to this teacher")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--length", type=int, default=None, help="score the first N items")

@@ -10,12 +10,15 @@ import torch
 from ..errors import DataError
 from .base import TASKS
 
-SPEC_FORMS = "photos, fashion-mnist[:train|:test], fashion-mnist-seg[:train|:test], folder:PATH, wds:PATTERN"
+SPEC_FORMS = ("photos[:train|:heldout], wallpapers[:train|:heldout], heldout, digits[:train|:test], "
+              "fashion-mnist[:train|:test], "
+              "fashion-mnist-seg[-large][:train|:test], folder:PATH, wds:PATTERN")
+LARGE_SEG_GRID = 8  # fashion-mnist-seg-large: 8x8 cells of 28 px (224² canvases, 16-32 items)
 _PHOTO_SPLITS = {"train": False, "heldout": True, "test": True, "val": True}
 
 
 class Spec(NamedTuple):
-    kind: str  # photos | fashion-mnist | fashion-mnist-seg | folder | wds
+    kind: str  # photos | wallpapers | heldout | fashion-mnist | fashion-mnist-seg | folder | wds
     arg: str | None  # split for the built-ins, PATH / PATTERN for folder / wds
 
 
@@ -30,9 +33,12 @@ def parse_spec(spec: str) -> Spec:
             what = "PATH" if kind == "folder" else "PATTERN"
             raise DataError(f"{kind}: needs a {what} (e.g. {kind}:/data/x)")
         return Spec(kind, arg.strip())
-    if kind == "photos" and (not sep or arg.lower() in _PHOTO_SPLITS):
+    if kind in ("photos", "wallpapers") and (not sep or arg.lower() in _PHOTO_SPLITS):
         return Spec(kind, arg.lower() or None)
-    if kind in ("fashion-mnist", "fashion-mnist-seg") and (not sep or arg.lower() in ("train", "test")):
+    if kind == "heldout" and not sep:
+        return Spec(kind, "heldout")
+    if kind in ("fashion-mnist", "fashion-mnist-seg", "fashion-mnist-seg-large", "digits") and (
+            not sep or arg.lower() in ("train", "test")):
         return Spec(kind, arg.lower() or None)
     raise DataError(f"unknown data spec {spec!r}; expected one of: {SPEC_FORMS}")
 
@@ -71,15 +77,16 @@ def build_dataset(
     mean_t, std_t = _check_args(task, img_size, mean, std)
     kind, arg = parse_spec(spec)
     common = dict(img_size=img_size, mean=mean_t, std=std_t, seed=seed, length=length)
-    if kind == "photos":
+    if kind in ("photos", "wallpapers", "heldout"):
         if task != "unlabeled":
-            raise DataError(f"photos has no labels; use task='unlabeled' (got {task!r})")
+            raise DataError(f"{kind} has no labels; use task='unlabeled' (got {task!r})")
         chosen = (arg or split or "").lower()
         if chosen and chosen not in _PHOTO_SPLITS:
-            raise DataError(f"unknown photos split {chosen!r}; use train or heldout")
+            raise DataError(f"unknown {kind} split {chosen!r}; use train or heldout")
         from .photos import PhotosDataset
 
-        return PhotosDataset(heldout=(not train) or _PHOTO_SPLITS.get(chosen, False), **common)
+        heldout = kind == "heldout" or (not train) or _PHOTO_SPLITS.get(chosen, False)
+        return PhotosDataset(heldout=heldout, collection=kind, **common)
     if kind == "fashion-mnist":
         if task == "segmentation":
             raise DataError("fashion-mnist is a classification set; use fashion-mnist-seg for segmentation")
@@ -87,13 +94,20 @@ def build_dataset(
 
         split_ = arg or split or ("train" if train else "test")
         return FashionMNIST(split=split_, task=task, train=train, **common)
-    if kind == "fashion-mnist-seg":
+    if kind == "digits":
+        if task == "segmentation":
+            raise DataError("digits is a classification set")
+        from .digits import Digits
+
+        return Digits(split=arg or split or ("train" if train else "test"), task=task, train=train, **common)
+    if kind in ("fashion-mnist-seg", "fashion-mnist-seg-large"):
         if task == "classification":
-            raise DataError("fashion-mnist-seg is a segmentation set; use fashion-mnist for classification")
+            raise DataError(f"{kind} is a segmentation set; use fashion-mnist for classification")
         from .fashion_seg import FashionMNISTSeg
 
         split_ = arg or split or ("train" if train else "test")
-        return FashionMNISTSeg(split=split_, task=task, train=train, **common)
+        grid = LARGE_SEG_GRID if kind.endswith("-large") else 3
+        return FashionMNISTSeg(split=split_, task=task, train=train, grid=grid, **common)
     if kind == "folder":
         from .folder import FolderDataset
 
@@ -106,12 +120,17 @@ def build_dataset(
 def describe(spec: str) -> str:
     """One cheap line about what ``spec`` points at (no image decoding)."""
     kind, arg = parse_spec(spec)
-    if kind == "photos":
-        from .photos import photo_names
+    if kind in ("photos", "wallpapers", "heldout"):
+        from .photos import pool_sources
 
-        names = photo_names()
-        return f"photos: {len(names)} bundled real photographs ({', '.join(names)})"
-    if kind in ("fashion-mnist", "fashion-mnist-seg"):
+        held = kind == "heldout" or _PHOTO_SPLITS.get(arg or "train", False)
+        names = [n for n, _ in pool_sources(kind, held)]
+        what = {"photos": "bundled real photographs", "wallpapers": "Debian wallpapers (photographs + artwork)",
+                "heldout": "held-out real photographs"}[kind]
+        return f"{kind}: {len(names)} {what}, {'held-out' if held else 'train'} split ({', '.join(names)})"
+    if kind == "digits":
+        return f"digits: scikit-learn handwritten digits {arg or 'train/test'} (1200 / 597 images, 8x8)"
+    if kind in ("fashion-mnist", "fashion-mnist-seg", "fashion-mnist-seg-large"):
         from .fashion_mnist import _find_files
 
         files = _find_files(arg or "train")

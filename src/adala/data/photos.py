@@ -2,13 +2,14 @@
 
 They give an offline, download-free stream of natural images: enough to distil attention behaviour on
 real statistics. Files are read straight from the package directories (found with ``find_spec``, without
-importing the packages), so no loader can ever trigger a download.
+importing the packages), so no loader can ever trigger a download. The same pool machinery serves Debian's
+wallpapers (``wallpapers.py``); both are split by *source image* into train and held-out.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,15 @@ _PHOTO_FILES: dict[str, tuple[str, str]] = {
     "flower": ("sklearn", "datasets/images/flower.jpg"),
     "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
 }
-_MAX_SHORT_SIDE = 512  # cached copies are downscaled: memory and per-crop cost stay small
-HELDOUT_VIEWS = 4
+# Held out *by source image*: these photographs never reach a training stage (``photos`` / ``wallpapers`` train
+# splits exclude them), so ``photos:heldout`` / ``wallpapers:heldout`` / ``heldout`` measure unseen images.
+HELDOUT_PHOTOS = ("chelsea", "coffee", "china", "grace_hopper", "motorcycle")
+HELDOUT_WALLPAPERS = ("ColdRipple", "EveningGlow", "FallenLeaf", "Kite", "Path")
+# Cached copies keep up to this short side: 448²–1344² crops of the 1600–2880-pixel wallpapers stay real
+# high-resolution content, while memory stays ~0.4 GB for every image of the pool.
+_MAX_SHORT_SIDE = 1600
+HELDOUT_VIEWS = 2
+COLLECTIONS = ("photos", "wallpapers", "heldout")
 
 
 def _package_dir(package: str) -> Path | None:
@@ -69,7 +77,7 @@ def _available() -> tuple[str, ...]:
 
 
 def photo_names() -> list[str]:
-    """Names of the bundled photographs found on this machine, in a fixed order."""
+    """Names of the bundled photographs found on this machine, in a fixed order (both splits)."""
     return list(_available())
 
 
@@ -87,9 +95,43 @@ def load_photo(name: str) -> Image.Image:
         raise DataError(f"photo {name!r} at {path}: {e}") from e
 
 
-@cache
-def _photo_tensor(name: str) -> torch.Tensor:
-    im = load_photo(name)
+def pool_sources(collection: str, heldout: bool) -> list[tuple[str, Path]]:
+    """(name, file) of every image in ``collection``'s split, in a fixed order.
+
+    ``photos``: the package photographs; ``wallpapers``: Debian's wallpapers (photographs and artwork);
+    ``heldout`` (held-out split only): the held-out photographs of both. Train splits never contain a held-out
+    source, whatever the crop, so a held-out number is always on unseen images.
+    """
+    if collection not in COLLECTIONS:
+        raise DataError(f"unknown image collection {collection!r}; known: {', '.join(COLLECTIONS)}")
+    if collection == "heldout":
+        if not heldout:
+            raise DataError("'heldout' is an evaluation set; train on photos or wallpapers")
+        return pool_sources("photos", True) + pool_sources("wallpapers", True)
+    if collection == "photos":
+        names = [n for n in photo_names() if (n in HELDOUT_PHOTOS) == heldout]
+        if not names:
+            raise DataError("no bundled photos found: install scikit-image, scikit-learn or matplotlib")
+        return [(n, _photo_path(n)) for n in names]  # type: ignore[misc]
+    from .wallpapers import wallpaper_files
+
+    files = wallpaper_files()
+    chosen = [(n, p) for n, p in files.items() if (n in HELDOUT_WALLPAPERS) == heldout]
+    if heldout and not chosen:
+        raise DataError(f"none of the held-out wallpapers ({', '.join(HELDOUT_WALLPAPERS)}) is installed")
+    return chosen
+
+
+def is_heldout(name: str) -> bool:
+    return name in HELDOUT_PHOTOS or name in HELDOUT_WALLPAPERS
+
+
+@lru_cache(maxsize=64)
+def _image_tensor(path: Path) -> torch.Tensor:
+    try:
+        im = load_rgb(path, min_size=_MAX_SHORT_SIDE)
+    except ImageReadError as e:
+        raise DataError(f"image {path}: {e}") from e
     short = min(im.size)
     if short > _MAX_SHORT_SIDE:
         f = _MAX_SHORT_SIDE / short
@@ -98,26 +140,18 @@ def _photo_tensor(name: str) -> torch.Tensor:
 
 
 def heldout_view(img: torch.Tensor, view: int) -> torch.Tensor:
-    """Fixed square crops: full centre, 0.6x centre zoom, 0.75x top-left, 0.75x bottom-right."""
+    """Fixed square crops: the full centre square (view 0) and a 0.6× centre zoom (view 1)."""
     h, w = img.shape[-2:]
     s = min(h, w)
-    if view == 0:
-        side, top, left = s, (h - s) // 2, (w - s) // 2
-    elif view == 1:
-        side = max(1, round(0.6 * s))
-        top, left = (h - side) // 2, (w - side) // 2
-    elif view == 2:
-        side = max(1, round(0.75 * s))
-        top, left = 0, 0
-    else:
-        side = max(1, round(0.75 * s))
-        top, left = h - side, w - side
+    side = s if view == 0 else max(1, round(0.6 * s))
+    top, left = (h - side) // 2, (w - side) // 2
     return img[:, top : top + side, left : left + side]
 
 
 class PhotosDataset(SeededDataset):
-    """Unlabeled crops of the bundled photos. Train: item i = random resized crop of photo ``i % n``
-    (virtual length, default 10_000). Held-out: 4 fixed crops per photo, no randomness."""
+    """Unlabeled images of one collection. Train: item i = random resized crop of source ``i % n`` (virtual
+    length, default 10_000; ``scale`` is the crop's area fraction, so large sources give crops of real
+    high-resolution content). Held-out: ``HELDOUT_VIEWS`` fixed crops per source, no randomness."""
 
     def __init__(
         self,
@@ -126,23 +160,26 @@ class PhotosDataset(SeededDataset):
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         heldout: bool,
+        collection: str = "photos",
         seed: int = 0,
         length: int | None = None,
+        scale: tuple[float, float] | None = None,
     ) -> None:
-        self.names = photo_names()
-        if not self.names:
-            raise DataError("no bundled photos found: install scikit-image, scikit-learn or matplotlib")
+        self.sources = pool_sources(collection, heldout)
+        self.names = [n for n, _ in self.sources]
+        self.collection = collection
         self.heldout = heldout
-        n = len(self.names)
-        transform = ImageTransform(img_size, mean, std, train=not heldout, scale=(0.1, 1.0))
+        n = len(self.sources)
+        scale = scale or ((0.05, 1.0) if collection == "wallpapers" else (0.1, 1.0))
+        transform = ImageTransform(img_size, mean, std, train=not heldout, scale=scale)
         source_len = n * HELDOUT_VIEWS if heldout else n
         if length is None and not heldout:
             length = 10_000
         super().__init__(task="unlabeled", transform=transform, seed=seed, source_len=source_len, length=length)
 
     def _load(self, src: int, i: int) -> tuple[torch.Tensor, None]:
-        n = len(self.names)
-        img = _photo_tensor(self.names[src % n])
+        n = len(self.sources)
+        img = _image_tensor(self.sources[src % n][1])
         if self.heldout:
             img = heldout_view(img, src // n)
         return img, None

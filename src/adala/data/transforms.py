@@ -154,3 +154,45 @@ def to_chw_uint8(arr: np.ndarray) -> torch.Tensor:
     else:
         t = t.permute(2, 0, 1)
     return t.contiguous()
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Items of ``base`` paired with their index, so a collate function can make per-batch choices that are
+    a pure function of the data order (and so survive resume and any number of workers)."""
+
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        return self.base[i], int(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+
+@dataclass(frozen=True)
+class MultiSizeCollate:
+    """Batches of (image, index) at the largest size -> one image batch at a size drawn per batch.
+
+    Every image of a batch shares one size (a batch is one tensor); the size is drawn from the batch's
+    smallest index, so the sequence of sizes is fixed by the seed and data order alone. Crops are made at the
+    largest size and downsampled (antialiased), which is what a random resized crop at the smaller size does.
+    """
+
+    sizes: tuple[int, ...]
+    seed: int = 0
+
+    def size_for(self, indices: Sequence[int]) -> int:
+        return self.sizes[item_seed(self.seed, min(indices), SALT_AUG) % len(self.sizes)]
+
+    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        x = torch.stack([im for im, _ in items])
+        size = self.size_for([i for _, i in items])
+        if size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        return x

@@ -1,5 +1,9 @@
 """``evaluate``: task scores (top-1 / mIoU) and, given a teacher, fidelity to it, written as JSON.
 
+``img_size`` may be a list: the same images are then scored at every size (``by_size`` in the result), since
+a linear-attention student's fidelity changes with the token count and users run it at 448²–1344².
+``correspondence`` matches patches between two views of each held-out photo (see ``correspondence.py``).
+
 Evaluation uses the un-augmented (eval) transform and, under torchrun, each rank scores every
 world_size-th image; confusion matrices and fidelity sums are reduced over ranks.
 """
@@ -18,7 +22,7 @@ from ..models.surgery import attention_modules
 from .fidelity import FidelityMeter, fidelity
 from .metrics import ConfusionMatrix, classification_scores, segmentation_scores
 
-TASKS = ("classification", "linear-probe", "segmentation", "features")
+TASKS = ("classification", "linear-probe", "segmentation", "features", "correspondence")
 __all__ = ["TASKS", "ConfusionMatrix", "FidelityMeter", "evaluate", "fidelity"]
 
 
@@ -32,6 +36,43 @@ def _task_head(model: nn.Module, task: str) -> dict:
     return head
 
 
+def _as_model(model):
+    from ..stages.common import as_model
+
+    return as_model(model)
+
+
+def _as_teacher(teacher):
+    from ..stages.common import as_teacher
+
+    return as_teacher(teacher)
+
+
+def _correspondence(model: nn.Module, teacher: nn.Module, data: str, img_size: int, length: int | None,
+                    device: torch.device) -> dict[str, Any]:
+    """Correspondence accuracy of teacher and model on the source images of a photo collection spec."""
+    from ..data.build import parse_spec
+    from ..data.photos import _image_tensor, pool_sources
+    from ..models.config import get_config
+    from .correspondence import correspondence
+
+    kind, arg = parse_spec(data)
+    if kind not in ("photos", "wallpapers", "heldout"):
+        raise ConfigError(f"correspondence needs a photo collection (photos:heldout, wallpapers:heldout, heldout), "
+                          f"got {data!r}")
+    sources = pool_sources(kind, kind == "heldout" or arg in ("heldout", "test", "val"))
+    if length is not None:
+        sources = sources[:length]
+    cfg = get_config(model)
+    model.eval().to(device)
+    teacher.to(device)
+    acc = correspondence({"teacher": teacher, "model": model}, [_image_tensor(p) for _, p in sources], img_size,
+                         cfg["mean"], cfg["std"], device)
+    return {"task": "correspondence", "data": data, "img_size": img_size, "teacher_accuracy": acc["teacher"],
+            "accuracy": acc["model"], "ratio_to_teacher": acc["model"] / max(acc["teacher"], 1e-12),
+            "num_pairs": acc["num_pairs"], "images": [n for n, _ in sources]}
+
+
 def _output_path(out: str | os.PathLike) -> Path:
     p = Path(out)
     return p if p.suffix == ".json" else p / "eval.json"
@@ -43,7 +84,7 @@ def evaluate(
     *,
     task: str,
     data: str,
-    img_size: int = 224,
+    img_size: int | list[int] = 224,
     teacher: nn.Module | str | None = None,
     batch_size: int = 32,
     length: int | None = None,
@@ -51,10 +92,29 @@ def evaluate(
     device: str = "auto",
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Scores of ``model`` on ``data`` for ``task`` (``features``: unlabeled data, fidelity only).
+    """Scores of ``model`` on ``data`` for ``task`` (``features``: unlabeled data, fidelity only;
+    ``correspondence``: patch matching between two views of each image of a photo collection, teacher vs model).
 
+    ``img_size``: one size, or a list (result: ``{"by_size": {"224": {...}, ...}}``).
     ``out``: a ``.json`` file, or a directory that receives ``eval.json``.
     """
+    if isinstance(img_size, (list, tuple)):
+        if not img_size:
+            raise ConfigError("img_size: empty list of sizes")
+        kw = dict(task=task, data=data, teacher=teacher, batch_size=batch_size, length=length, device=device,
+                  num_workers=num_workers)
+        model = _as_model(model)
+        teacher_model = _as_teacher(teacher) if teacher is not None and not isinstance(teacher, nn.Module) else teacher
+        kw["teacher"] = teacher_model
+        by_size = {str(s): evaluate(model, img_size=s, **kw) for s in img_size}
+        result = {"task": task, "data": data, "img_size": list(img_size), "by_size": by_size}
+        from ..train.distributed import is_main
+
+        if out is not None and is_main():
+            from ..stages.common import write_json
+
+            write_json(_output_path(out), result)
+        return result
     from ..stages.common import (
         as_model,
         as_teacher,
@@ -73,13 +133,18 @@ def evaluate(
     check_positive(batch_size, "batch_size")
     model = as_model(model)
     check_img_size(model, img_size)
-    head = None if task == "features" else _task_head(model, task)
+    head = None if task in ("features", "correspondence") else _task_head(model, task)
     t_model = None
     if teacher is not None:
         t_model = as_teacher(teacher)
         check_pair(t_model, model)
-    elif task == "features":
-        raise ConfigError("task 'features' measures fidelity and needs a teacher")
+    elif task in ("features", "correspondence"):
+        raise ConfigError(f"task {task!r} compares with the teacher and needs one (--teacher)")
+    if task == "correspondence":
+        result = _correspondence(model, t_model, data, img_size, length, pick_device(device))
+        if out is not None and is_main():
+            write_json(_output_path(out), result)
+        return result
     data_task = {"features": "unlabeled", "segmentation": "segmentation"}.get(task, "classification")
     ds = dataset(model, data, task=data_task, img_size=img_size, train=False, length=length)
 

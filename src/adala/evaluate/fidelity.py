@@ -3,7 +3,11 @@
 * per-layer attention error, teacher-forced: each student attention gets the teacher's attention input,
   ``||student_attn(teacher_in) - teacher_attn_out|| / ||teacher_attn_out||`` per image (what stage 1 trains);
 * final-token agreement from the student's own forward: cosine per token (and relative error) to the
-  teacher's ``forward_features`` output, averaged over tokens then images (what stage 2 trains).
+  teacher's ``forward_features`` output, averaged over tokens then images (what stage 2 trains); the CLS
+  token's cosine on its own (what a classifier or retrieval reads);
+* patch-structure agreement: for each patch, the overlap of its k nearest patches (cosine, same image) under
+  teacher and student. Dense users (segmentation, matching, k-NN label transfer) read exactly this
+  neighbourhood structure, and a student can keep a high mean cosine while scrambling it.
 """
 
 from __future__ import annotations
@@ -17,15 +21,38 @@ from torch import nn
 from ..models.families import family_of
 from ..models.surgery import attention_modules, backbone_of
 
+STRUCTURE_K = 10
+STRUCTURE_QUERIES = 512  # evenly spaced query patches per image: a 1344² image has 9216 patches
+
+
+def knn_sets(patches: torch.Tensor, k: int, queries: torch.Tensor) -> torch.Tensor:
+    """(N, C) patch features -> (Q, k) indices of each query patch's k nearest other patches (cosine)."""
+    f = F.normalize(patches.float(), dim=-1)
+    sim = f[queries] @ f.T
+    sim[torch.arange(len(queries)), queries] = -float("inf")  # a patch is not its own neighbour
+    return sim.topk(min(k, f.shape[0] - 1), dim=-1).indices
+
+
+def structure_agreement(student_patches: torch.Tensor, teacher_patches: torch.Tensor, k: int = STRUCTURE_K,
+                        max_queries: int = STRUCTURE_QUERIES) -> float:
+    """Mean overlap |kNN_s(i) ∩ kNN_t(i)| / k over query patches of one image ((N, C) each): 1 = same
+    neighbourhoods, about k/N for an unrelated student."""
+    n = teacher_patches.shape[0]
+    q = torch.linspace(0, n - 1, min(n, max_queries)).round().long().unique()
+    a, b = knn_sets(teacher_patches, k, q), knn_sets(student_patches, k, q)
+    hits = torch.zeros(len(q), n, dtype=torch.bool)
+    hits.scatter_(1, a, True)
+    return float(hits.gather(1, b).float().sum(1).mean() / a.shape[1])
+
 
 class FidelityMeter:
     """Accumulates per-image sums; ``result()`` averages (after an optional all-reduce over ranks)."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, k: int = STRUCTURE_K) -> None:
+        self.k = k
         self.attn = torch.zeros(num_blocks, dtype=torch.float64)
-        self.cos = torch.zeros((), dtype=torch.float64)
-        self.rel = torch.zeros((), dtype=torch.float64)
-        self.count = torch.zeros((), dtype=torch.float64)
+        # cos, rel, cls cosine, structure agreement, count
+        self.sums = torch.zeros(5, dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> None:
@@ -44,27 +71,37 @@ class FidelityMeter:
             # per image: SAM's windowed blocks see (B·windows, ws, ws, C), image-major
             err = (out - target).reshape(b, -1).norm(dim=1) / target.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
             self.attn[i] += err.double().sum().cpu()
+        rec.clear()
         s_tokens = family_of(s_vit).features(s_vit, x).float()
-        self.cos += F.cosine_similarity(s_tokens, t_tokens, dim=-1).mean(1).double().sum().cpu()
+        self.add_tokens(s_tokens, t_tokens, family_of(t_vit).num_prefix_tokens(t_vit))
+
+    def add_tokens(self, s_tokens: torch.Tensor, t_tokens: torch.Tensor, prefix: int) -> None:
+        """Final tokens (B, T, C) of student and teacher; the first ``prefix`` are CLS/register tokens."""
+        s_tokens, t_tokens = s_tokens.float().cpu(), t_tokens.float().cpu()
+        cos = F.cosine_similarity(s_tokens, t_tokens, dim=-1)
         rel = (s_tokens - t_tokens).flatten(1).norm(dim=1) / t_tokens.flatten(1).norm(dim=1).clamp_min(1e-12)
-        self.rel += rel.double().sum().cpu()
-        self.count += x.shape[0]
+        cls = cos[:, 0] if prefix else cos.mean(1)  # no CLS token: the mean token stands in
+        struct = [structure_agreement(s[prefix:], t[prefix:], self.k) for s, t in zip(s_tokens, t_tokens)]
+        self.sums += torch.tensor([cos.mean(1).sum(), rel.sum(), cls.sum(), sum(struct), len(s_tokens)],
+                                  dtype=torch.float64)
 
     def all_reduce(self) -> None:
         from ..train.distributed import all_reduce_sum
 
-        self.attn, self.cos = all_reduce_sum(self.attn), all_reduce_sum(self.cos)
-        self.rel, self.count = all_reduce_sum(self.rel), all_reduce_sum(self.count)
+        self.attn, self.sums = all_reduce_sum(self.attn), all_reduce_sum(self.sums)
 
     def result(self) -> dict:
-        n = max(float(self.count), 1.0)
+        n = max(float(self.sums[4]), 1.0)
         per_block = [float(v) / n for v in self.attn]
+        cos, rel, cls, struct = (float(v) / n for v in self.sums[:4])
         return {
             "attn_rel_err": per_block,
             "attn_rel_err_mean": sum(per_block) / max(len(per_block), 1),
-            "final_cosine": float(self.cos) / n,
-            "final_rel_err": float(self.rel) / n,
-            "num_images": int(self.count),
+            "final_cosine": cos,
+            "final_rel_err": rel,
+            "cls_cosine": cls,
+            f"structure_k{self.k}": struct,
+            "num_images": int(self.sums[4]),
         }
 
 

@@ -1,9 +1,12 @@
-"""Hugging Face ``transformers`` vision backbones, converted into the equivalent timm ViT.
+"""Hugging Face ``transformers`` vision backbones, converted into the equivalent timm ViT and back.
 
-A weight-name map (timm's ``checkpoint_filter_fn`` shape) turns a ``PreTrainedModel`` into a plain timm
-``VisionTransformer`` with ``adala_config``, so linearize, every stage, save/load and bench need no second
-code path. Supported: ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel`` and
-``SiglipVisionModel`` (the vision tower of ``CLIPModel``, ``CLIPVisionModelWithProjection`` and ``SiglipModel``).
+``adala.linearize(hf_model)`` keeps the HF model and switches its attention (``hf_attention``); this module is
+the explicit timm bridge: ``to_timm`` for the stages (``load_teacher("hf:...")`` uses it) and ``save_hf`` to write
+a trained timm student back as a ``save_pretrained`` directory. A weight-name map (timm's
+``checkpoint_filter_fn`` shape) turns a ``PreTrainedModel`` into a plain timm ``VisionTransformer`` with
+``adala_config``, so linearize, every stage, save/load and bench need no second code path. Supported:
+``Dinov2Model``, ``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel`` and ``SiglipVisionModel`` (the
+vision tower of ``CLIPModel``, ``CLIPVisionModelWithProjection`` and ``SiglipModel``).
 
 Decisions, each checked against the installed transformers source:
 
@@ -25,7 +28,9 @@ Decisions, each checked against the installed transformers source:
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -37,7 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, OfflineError, UnknownTeacherError, UnsupportedModelError
-from .config import build_backbone, set_config, teacher_config
+from . import hf_attention
+from .config import build_backbone, get_config, set_config, teacher_config
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -259,12 +265,13 @@ def _tower(model: nn.Module) -> tuple[nn.Module, Family]:
     return model, FAMILIES[name]
 
 
-def from_hf(model: nn.Module, spec: str | None = None,
+def to_timm(model: nn.Module, spec: str | None = None,
             mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> nn.Module:
     """The timm ``VisionTransformer`` equal to a HF vision backbone, with ``adala_config`` set.
 
     ``spec`` is recorded as the teacher (default ``hf:<name_or_path>``, or ``hf:<ClassName>`` for a model built
-    in memory); ``mean_std`` overrides the family's image-processor defaults.
+    in memory); ``mean_std`` overrides the family's image-processor defaults. A HF model running adala's linear
+    attention gives the timm student with the same kinds (same outputs), not a softmax model.
     """
     outer = model
     tower, family = _tower(model)
@@ -288,7 +295,16 @@ def from_hf(model: nn.Module, spec: str | None = None,
     cfg.update(mean=[float(v) for v in mean], std=[float(v) for v in std], layer_norm_eps=eps)
     if cfg["img_size"] % cfg["patch_size"]:
         cfg["img_size"] = _pair(c.image_size)[0]
-    return set_config(vit, cfg)
+    set_config(vit, cfg)
+    kinds = hf_attention.kinds_of(tower)
+    if any(k != "softmax" for k in kinds):
+        from .surgery import linearize_blocks
+
+        vit = linearize_blocks(vit, kinds, inplace=True)
+    return vit
+
+
+from_hf = to_timm  # the name this conversion had before HF models kept their class under linearize
 
 
 def _processor_mean_std(name: str, local: bool) -> tuple[Any, Any] | None:
@@ -311,7 +327,7 @@ def _processor_mean_std(name: str, local: bool) -> tuple[Any, Any] | None:
 
 
 def load_hf(name: str, pretrained: bool = True, **options: Any) -> nn.Module:
-    """``hf:NAME`` teachers: a hub id or a ``save_pretrained`` directory, through ``AutoModel``, then ``from_hf``."""
+    """``hf:NAME`` teachers: a hub id or a ``save_pretrained`` directory, through ``AutoModel``, then ``to_timm``."""
     if options:
         raise ConfigError(f"hf:{name} takes no timm options (got {sorted(options)})")
     path = Path(name).expanduser()
@@ -347,4 +363,122 @@ def load_hf(name: str, pretrained: bool = True, **options: Any) -> nn.Module:
     except (ValueError, KeyError) as e:  # unknown model_type / config class
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"hf:{name}: transformers cannot build it ({first})") from None
-    return from_hf(model.eval(), spec=f"hf:{name}", mean_std=stats)
+    return to_timm(model.eval(), spec=f"hf:{name}", mean_std=stats)
+
+
+# --- timm student -> HF layout ------------------------------------------------------------------------------------
+
+def to_hf_state_dict(vit: nn.Module, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``checkpoint_filter_fn``: ``vit``'s tensors under the names and shapes of the HF state dict
+    ``like``. Tensors timm has no counterpart for (``DROPPED``) keep ``like``'s values; a folded class position
+    (registers) is set to zero, since timm's ``cls_token`` already holds the sum."""
+    own = vit.state_dict()
+    dim = own["pos_embed"].shape[-1]
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in like.items():
+        short = _PREFIX.sub("", key)
+        if DROPPED.fullmatch(short):
+            out[key] = ref
+            continue
+        new = _rename(short)
+        if new is None:
+            raise UnsupportedModelError(f"Hugging Face weight {key!r} has no timm counterpart")
+        head, _, leaf = new.rpartition(".")
+        block, _, part = head.rpartition(".")
+        if part in ("q", "k", "v"):
+            t = own[f"{block}.attn.qkv.{leaf}"].chunk(3)["qkv".index(part)]
+        elif part in ("gate", "up"):
+            t = own[f"{block}.mlp.fc1.{leaf}"].chunk(2)[part == "up"]
+        elif head == "attn_pool.in_proj":
+            t = torch.cat([own[f"attn_pool.q.{leaf}"], own[f"attn_pool.kv.{leaf}"]])
+        elif new == "pos_embed" and ref.numel() == own[new].numel() + dim:
+            t = torch.cat([own[new].new_zeros(1, 1, dim), own[new]], dim=1)
+        else:
+            t = own[new]
+        if t.numel() != ref.numel():
+            raise UnsupportedModelError(f"{key}: the student has {tuple(t.shape)}, the Hugging Face model "
+                                        f"{tuple(ref.shape)}; pass like= with the teacher's architecture")
+        out[key] = t.detach().reshape(ref.shape).to(ref.dtype).clone()
+    return out
+
+
+def hf_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """A HF vision model's tokens in timm's ``forward_features`` meaning (after the final norm; CLIP normalises
+    only its pooled token, so its post-layernorm is applied here)."""
+    tower, _ = _tower(model)
+    out = tower(pixel_values=pixel_values, interpolate_pos_encoding=True) if type(tower).__name__ in (
+        "ViTModel", "CLIPVisionModel", "SiglipVisionModel") else tower(pixel_values=pixel_values)
+    tokens = out.last_hidden_state
+    return tower.post_layernorm(tokens) if type(tower).__name__ == "CLIPVisionModel" else tokens
+
+
+def _like_config(like: Any, teacher: str | None) -> Any:
+    """The HF vision config to save into: from a model, a config, ``hf:NAME``/a directory, or the teacher."""
+    if like is None:
+        if not (teacher or "").startswith("hf:"):
+            raise ConfigError(f"save_hf needs like= (a Hugging Face model, config or name of the teacher's "
+                              f"architecture): the teacher {teacher!r} is not a Hugging Face model")
+        like = teacher
+    if isinstance(like, (str, Path)):
+        import transformers  # lazy: optional dependency
+
+        name = str(like).removeprefix("hf:")
+        try:
+            like = transformers.AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"save_hf: cannot read the Hugging Face config of {name} ({first})") from None
+    config = getattr(like, "config", like)
+    config = copy.deepcopy(getattr(config, "vision_config", None) or config)  # CLIP / SigLIP: the vision tower
+    if hasattr(config, "attn_implementation"):  # a linearized like= model: the student's kind decides
+        del config.attn_implementation
+    config._attn_implementation = None
+    return config
+
+
+def save_hf(student: nn.Module, out_dir: str | os.PathLike, like: Any = None,
+            tolerance: float = 1e-4) -> Path:
+    """Write a timm student (or teacher) as a ``save_pretrained`` directory of the equivalent HF vision model.
+
+    ``AutoModel.from_pretrained(out_dir)`` then rebuilds the HF class (DINOv2, ViT, CLIP/SigLIP vision) running
+    the student's attention (``adala-linear-elu``...; adala must be imported), so a transformers pipeline or a
+    DPT/Mask2Former head can use the trained student. ``like`` gives the HF architecture (default: the
+    ``hf:`` teacher recorded in the student's config). Before writing, one random image runs through both models;
+    a max abs difference above ``tolerance`` (relative to the token scale) raises instead of saving a wrong model.
+    Task heads are not saved (only the backbone); hybrids (some blocks softmax) go in timm layout (``save_model``).
+    """
+    import transformers  # lazy: optional dependency
+
+    from .surgery import backbone_of, block_kinds
+
+    cfg = get_config(student)
+    vit = backbone_of(student)
+    kinds = sorted(set(block_kinds(student)))
+    if len(kinds) != 1 or (kinds[0] != "softmax" and kinds[0] not in hf_attention.KINDS):
+        raise UnsupportedModelError(
+            f"Hugging Face layout holds one attention for every block, one of softmax, "
+            f"{', '.join(hf_attention.KINDS)}; this student has {kinds}: save it with adala.save_model")
+    options = (cfg.get("attention") or {}).get("options", {})
+    if kinds[0] != "softmax":
+        hf_attention._check(kinds[0], options)
+    config = _like_config(like, cfg.get("teacher"))
+    if type(config).__name__ not in [n.replace("Model", "Config") for n in FAMILIES]:
+        raise UnsupportedModelError(f"save_hf writes {', '.join(FAMILIES)}; like= gives {type(config).__name__}")
+    model = transformers.AutoModel.from_config(config).eval()
+    model.load_state_dict(to_hf_state_dict(vit, model.state_dict()), strict=True)
+    if kinds[0] != "softmax":
+        hf_attention.set_attention(model, kinds[0])
+    size = _pair(config.image_size)
+    x = torch.randn(1, int(config.num_channels), *size, generator=torch.Generator().manual_seed(0))
+    was_training = vit.training
+    vit.eval()
+    with torch.no_grad():
+        ref = vit.forward_features(x.to(next(vit.parameters())))
+        err = (hf_tokens(model, x).to(ref) - ref).abs().max().item()
+    vit.train(was_training)
+    if not err <= tolerance * max(1.0, ref.abs().max().item()):
+        raise CheckpointError(f"save_hf: the Hugging Face model differs from the student by {err:.3g} "
+                              f"(tolerance {tolerance}); is like= the teacher's architecture?")
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out

@@ -93,9 +93,15 @@ def linearize(
 
     ``blocks``: "all" swaps every block; "global" only those attending over all tokens (SAM's default: its
     windowed blocks already cost linear in the image). None takes the family's default.
+
+    A ``transformers`` model (DINOv2, ViT, CLIP/SigLIP vision, DINOv3 ViT, or a Depth Anything / backbone built on
+    one) stays that class: its attention is switched through transformers' registry (``hf_attention``), so
+    ``model(pixel_values=...)`` and heads built on it keep working. ``adala.models.hf.to_timm`` gives timm instead.
     """
-    if hf.is_hf_model(model):  # a transformers DINOv2/ViT/CLIP/SigLIP: its timm equivalent first
-        model = hf.from_hf(model)
+    if hf.is_hf_model(model):
+        from .hf_attention import linearize_hf
+
+        return linearize_hf(model, attention, keep_softmax, **options)
     n = len(attention_modules(model))
     fam = family_of(model)
     blocks = fam.default_blocks if blocks is None else blocks

@@ -18,6 +18,8 @@ from . import figures
 
 PAPER_ABLATION = {"none": 22.92, "stage 1 only": 19.37, "stage 2 only": 52.46, "stage 1 + 2": 55.55}
 # demo recipe stage names: ablation arm -> (model stage, probe stage, segmentation stage)
+# ablation arm -> its held-out fidelity stage (evaluated at several sizes: the fidelity-vs-resolution curve)
+FIDELITY_STAGES = {"none": "fidelity_none", "stage 1 only": "fidelity_stage1", "stage 1 + 2": "fidelity"}
 ARMS = {
     "none": ("student", "probe_none", "seg_none"),
     "stage 1 only": ("stage1", "probe_stage1", "seg_stage1"),
@@ -78,11 +80,11 @@ def _bench_rows(bench: dict) -> list[dict]:
     return list(bench.get("results", []))
 
 
-def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int = 4, pca_size: int = 224,
+def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int = 3, pca_size: int = 896,
                  commands: Sequence[str] = (), config_text: str | None = None) -> Path:
     """Write ``run/report.md`` and its PNGs from ``run/summary.json`` (+ ``run/<bench_file>``)."""
     from .. import load_model
-    from ..data import load_photo, photo_names
+    from ..data.photos import HELDOUT_PHOTOS, load_photo
     from ..evaluate.fidelity import fidelity
     from ..models import load_teacher
 
@@ -118,8 +120,18 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
         pair_row(f"Fashion-MNIST full fine-tune top-1 (%), {steps} steps", "finetune_teacher", "finetune", "top1")
     pair_row("Fashion-MNIST-seg mIoU (%)", "seg_teacher", "segmentation", "miou")
     fp = _metric_path(summary, "fidelity", "fidelity", "final_cosine")
-    if fp:
-        lines.append(f"| final-token cosine to teacher (held-out photos) | 1 | {nums.fmt(S, fp, '.4f')} | |")
+    by_size = _metric_path(summary, "fidelity", "by_size")
+    try:
+        sizes = sorted(nums.get(S, by_size), key=int) if by_size else []
+    except (KeyError, IndexError, TypeError):
+        sizes = []
+    if sizes:
+        for size in sizes:
+            cos = nums.fmt(S, [*by_size, size, "fidelity", "final_cosine"], ".4f")
+            lines.append(f"| final-token cosine to teacher (held-out photos, {size}²) | 1 | {cos} | |")
+    if fp and not sizes:
+        size = nums.fmt(S, _metric_path(summary, "fidelity", "img_size"), ".0f")
+        lines.append(f"| final-token cosine to teacher (held-out photos, {size}²) | 1 | {nums.fmt(S, fp, '.4f')} | |")
     if bench:
         rows = _bench_rows(bench)
         res = sorted({r["resolution"] for r in rows})
@@ -146,6 +158,37 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
         lines.append(f"| {arm} | {p} | {m} | {PAPER_ABLATION[arm]} |")
     lines.append("")
 
+    # 2b. fidelity vs resolution on held-out photos
+    res_curves: dict[str, dict[str, list]] = {}
+    table: list[str] = []
+    for arm, stage in FIDELITY_STAGES.items():
+        bp = _metric_path(summary, stage, "by_size")
+        if bp is None:
+            continue
+        try:
+            by_size = nums.get(S, bp)
+        except (KeyError, IndexError, TypeError):
+            continue
+        sizes = sorted(by_size, key=int)
+        d: dict[str, list] = {"sizes": [int(x) for x in sizes]}
+        cells = []
+        for key in ("final_cosine", "cls_cosine", "structure_k10"):
+            d[key] = [float(by_size[x]["fidelity"][key]) for x in sizes]
+        for x in sizes:
+            f = [nums.fmt(S, [*bp, x, "fidelity", key], ".3f") for key in ("final_cosine", "cls_cosine",
+                                                                              "structure_k10")]
+            cells.append(" / ".join(f))
+        res_curves[arm] = d
+        table.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if res_curves:
+        sizes = next(iter(res_curves.values()))["sizes"]
+        figures.fidelity_vs_resolution(res_curves, run / "fidelity_resolution.png")
+        lines += ["## Fidelity vs resolution (held-out photos: sources no stage trained on)", "",
+                  "token cosine / CLS cosine / patch-structure agreement (k = 10) to the teacher:", "",
+                  "| student | " + " | ".join(f"{x}²" for x in sizes) + " |",
+                  "|---|" + "---|" * len(sizes), *table, "",
+                  "![fidelity vs resolution](fidelity_resolution.png)", ""]
+
     # 3. loss curves
     curves = {}
     if "stage2" in idx:
@@ -159,7 +202,7 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
     # 4-5. figures that need the models: per-layer fidelity and feature PCA on real photos
     teacher = load_teacher(summary["teacher"])
     patch = teacher.adala_config["patch_size"]
-    names = photo_names()[:photos]
+    names = list(HELDOUT_PHOTOS)[:photos]  # held-out photos, at the size where the speed-up is
     mean = torch.tensor(teacher.adala_config["mean"]).view(3, 1, 1)
     std = torch.tensor(teacher.adala_config["std"]).view(3, 1, 1)
     display, tensors = [], []
@@ -187,7 +230,8 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
         lines += ["## Per-layer fidelity", "", "![per-layer fidelity](layer_fidelity.png)", ""]
     figures.feature_pca(models, x, display, patch, run / "feature_pca.png")
     lines += ["## Feature maps (PCA of final patch tokens, first three components as RGB)", "",
-              f"{pca_size}² inputs; one PCA basis fitted on the teacher's tokens and applied to every model.", "",
+              f"{pca_size}² inputs of held-out photos; one PCA basis fitted on the teacher's tokens and applied "
+              "to every model.", "",
               "![feature PCA](feature_pca.png)", ""]
 
     # 6. throughput

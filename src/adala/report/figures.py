@@ -51,6 +51,25 @@ def layer_fidelity(per_model: dict[str, dict[str, Sequence[float]]], path: Path)
     return _save(fig, path)
 
 
+def fidelity_vs_resolution(curves: dict[str, dict[str, Sequence[float]]], path: Path) -> Path:
+    """Held-out fidelity against input size, one line per student (teacher = 1): token cosine, CLS cosine and
+    patch-structure agreement side by side, since a student can hold one while losing another."""
+    keys = [("final_cosine", "mean token cosine"), ("cls_cosine", "CLS cosine"),
+            ("structure_k10", "patch structure (k=10 overlap)")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (key, title) in zip(axes, keys):
+        for label, d in curves.items():
+            ax.plot(d["sizes"], d[key], marker="o", label=label)
+        ax.axhline(1.0, color="k", lw=1, ls="--", label="teacher")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(next(iter(curves.values()))["sizes"]))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set(xlabel="input size (pixels per side)", title=title, ylim=(0, 1.05))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
 @torch.no_grad()
 def block_token_cosine(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> list[float]:
     """Mean token cosine between each block's output in the student and the teacher (no teacher forcing)."""

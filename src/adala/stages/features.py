@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import IndexedDataset, MultiSizeCollate
 from ..errors import ConfigError
 from ..models.families import family_of
 from ..models.surgery import backbone_of
@@ -30,15 +31,19 @@ from .common import (
     trainable_copy,
 )
 
-LOSSES = ("mse", "cosine", "mse+cosine")
+LOSSES = ("mse", "cosine", "mse+cosine", "cosine+smooth-l1")
 TRAIN_CHOICES = ("all", "attention", "attention+proj")
 
 
 def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, loss: str
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``cosine+smooth-l1`` (IronViT's patch-token loss): direction per token plus a Huber term on the values,
+    which, unlike MSE, is not dominated by the few high-norm tokens DINOv2 grows at high resolution."""
     s, t = student_tokens.float(), teacher_tokens.float()
     mse = F.mse_loss(s, t)
     cos = F.cosine_similarity(s, t, dim=-1).mean()
+    if loss == "cosine+smooth-l1":
+        return (1.0 - cos) + F.smooth_l1_loss(s, t), {"mse": mse.detach(), "cosine": cos.detach()}
     value = {"mse": mse, "cosine": 1.0 - cos, "mse+cosine": mse + (1.0 - cos)}[loss]
     return value, {"mse": mse.detach(), "cosine": cos.detach()}
 
@@ -85,7 +90,7 @@ def align_features(
     student: nn.Module | str | os.PathLike,
     *,
     data: str | list[str] = "photos",
-    img_size: int = 224,
+    img_size: int | list[int] = 224,
     steps: int = 300,
     batch_size: int = 8,
     lr: float = 1e-4,
@@ -95,7 +100,11 @@ def align_features(
     length: int | None = None,
     **train_kwargs: Any,
 ) -> StageResult:
-    """Stage 2. ``student`` may be a stage-1 output or straight from ``linearize`` (the stage-2-only ablation)."""
+    """Stage 2. ``student`` may be a stage-1 output or straight from ``linearize`` (the stage-2-only ablation).
+
+    ``img_size`` as a list trains at several resolutions: each batch is drawn at one of them (fixed by the
+    seed and data order), so the student learns to stay faithful across token counts, not at one size.
+    """
     from ..train.loop import train as run_training
 
     if loss not in LOSSES:
@@ -103,14 +112,23 @@ def align_features(
     teacher = as_teacher(teacher)
     student = trainable_copy(student, "student")
     check_pair(teacher, student)
-    check_img_size(teacher, img_size)
+    sizes = [img_size] if not isinstance(img_size, (list, tuple)) else list(img_size)
+    if not sizes:
+        raise ConfigError("img_size: empty list of sizes")
+    for s in sizes:
+        check_img_size(teacher, s)
     cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
     _select_trainable(student, train)
-    ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
+    ds = dataset(teacher, data, task="unlabeled", img_size=max(sizes), train=True, seed=cfg.seed, length=length)
+    collate = None
+    if len(sizes) > 1:
+        if isinstance(ds, torch.utils.data.IterableDataset):
+            raise ConfigError("several img_size values need map-style data (not wds:)")
+        ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed)
     out = out_dir(out, "align-features")
     check_out(out, cfg.resume)
     objective = FeatureAlignment(teacher, student, loss)
-    result = run_training(objective, ds, cfg, out, stage="align-features")
+    result = run_training(objective, ds, cfg, out, stage="align-features", collate_fn=collate)
     metrics = {"stage": "align-features", "steps": result.steps, "wall_time_s": result.wall_time_s,
                "img_size": img_size, "loss_kind": loss, **result.final}
     return finish(student, out, metrics, result.history)

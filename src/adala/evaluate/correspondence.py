@@ -1,0 +1,84 @@
+"""Dense correspondence on real photos: what DINOv2 patch features are used for, measured without labels.
+
+Each source image gives two views with a known geometric relation: view A is the centre square of the
+image, view B a ``zoom``× sub-square of A at a fixed offset, both resized to the evaluation size. For every
+patch of B whose centre lies inside A, the nearest patch of A (cosine of the final patch tokens) is a
+correct match when its centre lies within one patch of the true location. The teacher's accuracy is the
+ceiling a student is compared with: a student that keeps mean token cosine but scrambles which patches
+resemble each other loses here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.transforms import normalize
+from ..models.surgery import backbone_of
+
+ZOOM = 0.7
+# B's top-left corner inside A, as a fraction of A's side (more offsets = more pairs per image)
+OFFSETS = ((0.15, 0.15),)
+
+
+def views(img: torch.Tensor, size: int, zoom: float = ZOOM, offset: tuple[float, float] = OFFSETS[0]
+          ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
+    """uint8 (3,H,W) -> views A, B as float (3,size,size) in [0,255] and (ox, oy, zoom) of B in A's unit square."""
+    h, w = img.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    a = img[:, top : top + s, left : left + s]
+    side = round(zoom * s)
+    oy, ox = round(offset[0] * s), round(offset[1] * s)
+    oy, ox = min(oy, s - side), min(ox, s - side)
+    b = a[:, oy : oy + side, ox : ox + side]
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+
+    return resize(a), resize(b), (ox / s, oy / s, side / s)
+
+
+def match_accuracy(feat_a: torch.Tensor, feat_b: torch.Tensor, grid: int, geom: tuple[float, float, float]
+                   ) -> tuple[int, int]:
+    """(correct, total) nearest-neighbour matches of B's patches into A's, for (grid², C) patch features."""
+    ox, oy, zoom = geom
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # patch centres in the unit square
+    by, bx = torch.meshgrid(centres, centres, indexing="ij")
+    ax, ay = ox + zoom * bx.flatten(), oy + zoom * by.flatten()  # where B's patch centres lie in A
+    sim = F.normalize(feat_b.float(), dim=-1) @ F.normalize(feat_a.float(), dim=-1).T
+    pred = sim.argmax(-1)
+    px, py = centres[pred % grid], centres[pred // grid]
+    tol = 1.0 / grid  # within one patch of the true location
+    ok = ((px - ax).abs() <= tol) & ((py - ay).abs() <= tol)
+    return int(ok.sum()), int(ok.numel())
+
+
+@torch.no_grad()
+def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    vit = backbone_of(model)
+    return vit.forward_features(x)[:, int(getattr(vit, "num_prefix_tokens", 0)):]
+
+
+@torch.no_grad()
+def correspondence(models: dict[str, nn.Module], images: Sequence[torch.Tensor], img_size: int,
+                   mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> dict:
+    """Matching accuracy of each named model over ``images`` (uint8 (3,H,W)) at ``img_size``."""
+    patch = int(backbone_of(next(iter(models.values()))).patch_embed.patch_size[0])
+    grid = img_size // patch
+    counts = {name: [0, 0] for name in models}
+    for img in images:
+        for offset in OFFSETS:
+            a, b, geom = views(img, img_size, offset=offset)
+            x = normalize(torch.stack([a, b]).round().clamp(0, 255), mean, std)
+            for name, m in models.items():
+                fa, fb = patch_tokens(m, x.to(device)).cpu()
+                ok, n = match_accuracy(fa, fb, grid, geom)
+                counts[name][0] += ok
+                counts[name][1] += n
+    return {name: c[0] / max(c[1], 1) for name, c in counts.items()} | {"num_pairs": len(images) * len(OFFSETS)}
+

@@ -1,0 +1,85 @@
+"""linear-elu's ``temperature`` and ``dwc`` options: float64 references, identity at init, every path alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_teacher
+
+import adala
+from adala.attention import build
+from adala.attention.naive_kinds import linear_options_reference
+from adala.errors import ConfigError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _attn(**options):
+    t = tiny_teacher()
+    a = build("linear-elu", t.blocks[0].attn, **options)
+    with torch.no_grad():
+        if a.log_tau is not None:
+            a.log_tau.normal_(0, 0.5)
+        if a.dwc is not None:
+            a.dwc.weight.normal_(0, 0.2)
+            a.dwc.bias.normal_(0, 0.2)
+    return a
+
+
+@pytest.mark.parametrize("options", [{"temperature": True}, {"dwc": 3}, {"temperature": True, "dwc": 5}])
+@pytest.mark.parametrize("prefix,grid", [(1, (4, 4)), (1, (3, 5)), (0, (4, 3))])
+def test_options_match_float64_reference(options, prefix, grid):
+    a = _attn(**options).double()
+    a.num_prefix_tokens, a.grid = prefix, grid
+    h, w = grid
+    x = torch.randn(2, prefix + h * w, a.qkv.in_features, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = a.qkv_heads(x)
+        ref = linear_options_reference(q, k, v, a.log_tau, None if a.dwc is None else a.dwc.weight,
+                                       None if a.dwc is None else a.dwc.bias, prefix, h, w)
+        ref = a.proj(ref.transpose(1, 2).reshape(2, -1, a.attn_dim))
+        fused = a(x)  # no-grad: the fused CPU path (in place on the packed projection)
+    generic = a(x.requires_grad_())  # autograd: the generic mix path
+    assert (fused - ref).abs().max() < 1e-10
+    assert (generic.detach() - ref).abs().max() < 1e-10
+    generic.sum().backward()
+    if a.log_tau is not None:
+        assert a.log_tau.grad is not None and a.log_tau.grad.abs().sum() > 0
+    if a.dwc is not None:
+        assert a.dwc.weight.grad.abs().sum() > 0
+
+
+def test_options_start_as_plain_linear_elu():
+    t = tiny_teacher()
+    x = torch.randn(2, 3, 56, 42)
+    plain = adala.linearize(t, "linear-elu")
+    opts = adala.linearize(t, "linear-elu", temperature=True, dwc=3)
+    with torch.no_grad():
+        assert torch.allclose(plain.forward_features(x), opts.forward_features(x), atol=1e-6)
+    extra = set(opts.state_dict()) - set(plain.state_dict())
+    assert extra == {f"blocks.{i}.attn.{n}" for i in range(2) for n in ("log_tau", "dwc.weight", "dwc.bias")}
+
+
+def test_options_save_load_and_non_square(tmp_path):
+    t = tiny_teacher()
+    s = adala.linearize(t, "linear-elu", temperature=True, dwc=3)
+    for m in s.modules():
+        if getattr(m, "dwc", None) is not None:
+            torch.nn.init.normal_(m.dwc.weight, 0, 0.1)
+    adala.save_model(s, tmp_path / "m")
+    back = adala.load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 28, 70)  # 2x5 grid: the tracker gives the true grid
+    with torch.no_grad():
+        assert torch.equal(s.forward_features(x), back.forward_features(x))
+
+
+@pytest.mark.parametrize("bad", [{"dwc": 2}, {"dwc": -1}, {"dwc": True}, {"temperature": "yes"}])
+def test_bad_options_fail_in_one_line(bad):
+    with pytest.raises(ConfigError):
+        adala.linearize(tiny_teacher(), "linear-elu", **bad)

@@ -1,0 +1,58 @@
+"""Stage 2 at several resolutions: per-batch sizes fixed by the data order, and a short run that helps at both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adala
+from adala.data import build_dataset
+from adala.data.transforms import IndexedDataset, MultiSizeCollate
+from adala.errors import ConfigError
+from adala.evaluate import evaluate
+from adala.stages import align_features
+
+KW = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def test_collate_sizes_are_a_function_of_the_indices():
+    ds = IndexedDataset(build_dataset("photos", task="unlabeled", img_size=56, **KW, length=16))
+    collate = MultiSizeCollate((28, 56), seed=0)
+    sizes = []
+    for start in range(0, 16, 4):
+        batch = collate([ds[i] for i in range(start, start + 4)])
+        assert batch.shape[-2:] == (batch.shape[-1],) * 2 and batch.shape[0] == 4
+        sizes.append(batch.shape[-1])
+        assert collate([ds[i] for i in reversed(range(start, start + 4))]).shape == batch.shape
+    assert set(sizes) == {28, 56}  # both sizes appear over a few batches
+    assert MultiSizeCollate((28, 56), seed=0).size_for([3, 7]) == collate.size_for([7, 3])
+
+
+def test_bad_size_lists_fail_in_one_line(tmp_path):
+    t = adala.load_teacher("timm:vit_small_patch14_dinov2", pretrained=False, img_size=56, depth=1, embed_dim=32,
+                           num_heads=2)
+    s = adala.linearize(t)
+    with pytest.raises(ConfigError, match="multiple of the patch size"):
+        align_features(t, s, data="photos", img_size=[28, 30], steps=1, batch_size=2, out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="empty list"):
+        align_features(t, s, data="photos", img_size=[], steps=1, batch_size=2, out=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_short_multires_stage2_lowers_heldout_error_at_both_sizes(embedded_teacher, tmp_path):
+    t = embedded_teacher
+    naive = adala.linearize(t, "linear-elu")
+    sizes = [56, 112]
+
+    def errors(model):
+        r = evaluate(model, task="features", data="heldout", img_size=sizes, teacher=t, length=6, batch_size=6)
+        return {s: r["by_size"][str(s)]["fidelity"]["final_rel_err"] for s in sizes}
+
+    before = errors(naive)
+    res = align_features(t, naive, data=["photos", "wallpapers"], img_size=sizes, steps=24, batch_size=4, lr=1e-4,
+                         loss="cosine+smooth-l1", train="attention+proj", out=tmp_path / "s2", progress=False)
+    after = errors(res.model)
+    for s in sizes:
+        assert after[s] < 0.9 * before[s], (s, before, after)
+    assert torch.isfinite(torch.tensor(list(after.values()))).all()
