@@ -1,4 +1,7 @@
-"""Analytical forward FLOPs of a timm ViT's ``forward_features``, per attention kind.
+"""Analytical forward FLOPs of a supported timm model's ``forward_features``, per attention kind.
+
+Token layout comes from the model's family adapter: prefix tokens, and for SAM the windowed blocks'
+(windows × window tokens) groups and the neck's convolutions (counted as matmuls).
 
 Convention (also written into every bench JSON): a multiply-add is 2 FLOPs; matmuls are counted
 exactly (patch embedding, qkv, attention mixing, proj, MLP); element-wise work (LayerNorm, GELU,
@@ -14,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..attention.linear import LinearAttention
+from ..models.families import family_of
 from ..models.surgery import attention_modules, backbone_of
 
 CONVENTION = (
@@ -33,13 +37,12 @@ EXECUTION_NOTE = (
 def tokens(model: nn.Module, img_size: int) -> int:
     """Sequence length at ``img_size``: prefix tokens (cls, registers) + patch grid."""
     vit = backbone_of(model)
-    p = vit.patch_embed.patch_size
-    return int(vit.num_prefix_tokens) + (img_size // p[0]) * (img_size // p[1])
+    return family_of(vit).tokens(vit, img_size)
 
 
 def _heads(attn: nn.Module) -> tuple[int, int]:
     h = int(attn.num_heads)
-    d = int(getattr(attn, "head_dim", attn.qkv.out_features // (3 * h)))
+    d = int(getattr(attn, "head_dim", 0) or attn.qkv.out_features // (3 * h))
     return h, d
 
 
@@ -79,15 +82,28 @@ def _linear(m: nn.Linear, rows: int) -> int:
     return 2 * rows * m.in_features * m.out_features
 
 
-def block_flops(block: nn.Module, n: int) -> dict[str, int | None]:
-    """One transformer block at ``n`` tokens: qkv, attention mixing, proj, MLP (every Linear in it)."""
+def _qkv_linears(attn: nn.Module) -> list[nn.Linear]:
+    """The q/k/v projections: one fused ``qkv`` or Eva's separate ``q_proj``/``k_proj``/``v_proj``."""
+    if getattr(attn, "qkv", None) is not None:
+        return [attn.qkv]
+    return [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")]
+
+
+def block_flops(block: nn.Module, n: int, groups: int = 1, group_tokens: int | None = None) -> dict[str, int | None]:
+    """One transformer block at ``n`` tokens: qkv, attention mixing, proj, MLP (every Linear in it).
+
+    ``groups`` × ``group_tokens``: the attention runs on that many independent sequences (SAM's windows of
+    the zero-padded grid; qkv and proj see the padded tokens too); default one sequence of ``n`` tokens.
+    """
     attn = block.attn
-    mix = attention_flops(attn, n)
+    m = n if group_tokens is None else group_tokens
+    rows = groups * m
+    mix = attention_flops(attn, m)
     out: dict[str, Any] = {
-        "qkv": _linear(attn.qkv, n),
-        "attention": None if mix is None else sum(mix.values()),
-        "proj": _linear(attn.proj, n),
-        "mlp": sum(_linear(m, n) for m in block.mlp.modules() if isinstance(m, nn.Linear)),
+        "qkv": sum(_linear(lin, rows) for lin in _qkv_linears(attn)),
+        "attention": None if mix is None else groups * sum(mix.values()),
+        "proj": _linear(attn.proj, rows),
+        "mlp": sum(_linear(m_, n) for m_ in block.mlp.modules() if isinstance(m_, nn.Linear)),
     }
     gate = getattr(attn, "gate", None)
     if isinstance(gate, nn.Linear):
@@ -103,13 +119,18 @@ def model_flops(model: nn.Module, img_size: int, batch_size: int = 1) -> dict[st
     """
     vit = backbone_of(model)
     attention_modules(vit)  # a clear error for architectures we cannot count
-    n = tokens(vit, img_size)
+    fam = family_of(vit)
+    n = fam.tokens(vit, img_size)
     proj = vit.patch_embed.proj
     p = vit.patch_embed.patch_size
     patches = (img_size // p[0]) * (img_size // p[1])
     embed = 2 * patches * proj.in_channels * p[0] * p[1] * proj.out_channels
-    blocks = [block_flops(b, n) for b in vit.blocks]
-    sums: dict[str, int | None] = {}
+    blocks = []
+    for i, b in enumerate(fam.blocks(vit)):
+        groups, group_tokens = fam.attention_groups(vit, i, img_size)
+        blocks.append(block_flops(b, n, groups, group_tokens))
+    extra = fam.extra_flops(vit, img_size)
+    sums: dict[str, int | None] = dict(extra)
     for key in ("qkv", "attention", "proj", "mlp", "gate"):
         vals = [b.get(key, 0) for b in blocks]
         sums[key] = None if any(v is None for v in vals) else sum(vals)

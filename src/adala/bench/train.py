@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.families import family_of
 from ..models.surgery import attention_modules, backbone_of
 from .measure import interleaved, precision, summary
 
@@ -25,12 +26,13 @@ class _LocalAttentionAlignment(nn.Module):
     def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
         super().__init__()
         self.teacher, self.student = teacher, student
-        self.records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.handles = [a.register_forward_hook(self._hook(i)) for i, a in enumerate(attention_modules(teacher))]
+        self.records: dict[int, tuple[torch.Tensor, dict, torch.Tensor]] = {}
+        self.handles = [a.register_forward_hook(self._hook(i), with_kwargs=True)
+                        for i, a in enumerate(attention_modules(teacher))]
 
     def _hook(self, i: int) -> Callable:
-        def hook(_mod, args, output):
-            self.records[i] = (args[0].detach(), output.detach())
+        def hook(_mod, args, kwargs, output):  # kwargs: Eva's rope, replayed to the student
+            self.records[i] = (args[0].detach(), kwargs, output.detach())
 
         return hook
 
@@ -41,8 +43,8 @@ class _LocalAttentionAlignment(nn.Module):
         for i, attn in enumerate(attention_modules(self.student)):
             if getattr(attn, "kind", "softmax") == "softmax":
                 continue
-            inp, target = self.records[i]
-            losses.append(F.mse_loss(attn(inp).float(), target.float()))
+            inp, kwargs, target = self.records[i]
+            losses.append(F.mse_loss(attn(inp, **kwargs).float(), target.float()))
         self.records.clear()
         return torch.stack(losses).mean(), {}
 
@@ -53,9 +55,10 @@ class _LocalFeatureAlignment(nn.Module):
         self.teacher, self.student = teacher, student
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        t_vit, s_vit = backbone_of(self.teacher), backbone_of(self.student)
         with torch.no_grad():
-            target = backbone_of(self.teacher).forward_features(x)
-        return F.mse_loss(backbone_of(self.student).forward_features(x).float(), target.float()), {}
+            target = family_of(t_vit).features(t_vit, x)
+        return F.mse_loss(family_of(s_vit).features(s_vit, x).float(), target.float()), {}
 
 
 def _release(objective: nn.Module) -> None:

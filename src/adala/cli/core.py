@@ -8,11 +8,18 @@ from .. import attention
 
 
 def _teachers(args: argparse.Namespace) -> int:
-    from ..models.teachers import EMBEDDED, teacher_forms
+    from ..models.families import families
+    from ..models.teachers import ALIASES, EMBEDDED, teacher_forms
 
     print("built-in teachers:")
     for name, desc in EMBEDDED.items():
         print(f"  {name:<22} {desc}")
+    print("supported model families (one example --teacher each):")
+    for fam in families():
+        print(f"  {fam.name:<6} {fam.example:<40} {fam.description}")
+    print("aliases (timm hub names; weights need the hub):")
+    for name, target in ALIASES.items():
+        print(f"  {name:<22} timm:{target}")
     print("accepted forms of --teacher:")
     for form, desc in teacher_forms():
         print(f"  {form:<22} {desc}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.families import family_of
 from ..models.surgery import attention_modules, backbone_of
 
 STRUCTURE_K = 10
@@ -60,17 +61,19 @@ class FidelityMeter:
         s_vit, t_vit = backbone_of(student), backbone_of(teacher)
         rec = TeacherRecorder(t_vit)
         try:
-            t_tokens = t_vit.forward_features(x).float()
+            t_tokens = family_of(t_vit).features(t_vit, x).float()
         finally:
             rec.remove()
+        b = x.shape[0]
         for i, attn in enumerate(attention_modules(s_vit)):
-            out = attn(rec.attn_in[i]).float()
+            out = attn(rec.attn_in[i], **rec.attn_kwargs[i]).float()
             target = rec.attn_out[i].float()
-            err = (out - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-12)
+            # per image: SAM's windowed blocks see (B·windows, ws, ws, C), image-major
+            err = (out - target).reshape(b, -1).norm(dim=1) / target.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
             self.attn[i] += err.double().sum().cpu()
         rec.clear()
-        s_tokens = s_vit.forward_features(x).float()
-        self.add_tokens(s_tokens, t_tokens, int(getattr(t_vit, "num_prefix_tokens", 0)))
+        s_tokens = family_of(s_vit).features(s_vit, x).float()
+        self.add_tokens(s_tokens, t_tokens, family_of(t_vit).num_prefix_tokens(t_vit))
 
     def add_tokens(self, s_tokens: torch.Tensor, t_tokens: torch.Tensor, prefix: int) -> None:
         """Final tokens (B, T, C) of student and teacher; the first ``prefix`` are CLS/register tokens."""

@@ -14,7 +14,6 @@ import timm
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
-from .pos_embed import use_cached_pos_embed
 
 FORMAT = "adala-model/1"
 
@@ -59,7 +58,9 @@ def build_backbone(cfg: dict[str, Any]) -> nn.Module:
         model = timm.create_model(cfg["arch"], pretrained=False, **cfg.get("timm_kwargs", {}))
     except (KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"cannot build architecture {cfg.get('arch')!r}: {e}") from None
-    use_cached_pos_embed(model, cfg.get("pos_embed_antialias", True))
+    from .families import family_of
+
+    family_of(model).install(model, cfg.get("pos_embed_antialias", True))
     if cfg.get("layer_norm_eps") is not None:  # e.g. HF ViT's 1e-12; kept out of timm kwargs to stay JSON
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):

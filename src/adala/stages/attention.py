@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.families import family_of
 from ..models.surgery import attention_modules, backbone_of
 from .common import (
     StageResult,
@@ -56,7 +57,7 @@ def trainable_attention_params(student: nn.Module, train: str) -> list[str]:
         p.requires_grad_(False)
     vit = backbone_of(student)
     names = []
-    for i, (block, attn) in enumerate(zip(vit.blocks, attention_modules(vit))):
+    for i, (block, attn) in enumerate(zip(family_of(vit).blocks(vit), attention_modules(vit))):
         if not _is_linear(attn):
             continue
         for name, p in attn.named_parameters():
@@ -95,12 +96,15 @@ class AttentionAlignment(nn.Module):
         with torch.no_grad():
             backbone_of(self.teacher).forward_features(x)
         vit = backbone_of(self.student)
+        fam = family_of(vit)
+        blocks = fam.blocks(vit)
         losses, metrics = [], {}
         for i in self.blocks:
-            block = vit.blocks[i]
-            inp = block.norm1(self.recorder.block_in[i]) if self.feed_block_input else self.recorder.attn_in[i]
-            target = self.recorder.attn_out[i].float()
-            out = block.attn(inp).float()
+            block = blocks[i]
+            rec = self.recorder
+            inp = fam.attention_input(block, rec.block_in[i]) if self.feed_block_input else rec.attn_in[i]
+            target = rec.attn_out[i].float()
+            out = block.attn(inp, **rec.attn_kwargs[i]).float()
             loss_i = F.mse_loss(out, target)
             losses.append(loss_i)
             metrics[f"loss/block_{i}"] = loss_i.detach()

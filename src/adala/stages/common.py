@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models.config import get_config
+from ..models.families import family_of
 from ..models.surgery import attention_modules, backbone_of
 
 METRICS = "metrics.json"
@@ -84,7 +85,8 @@ def patch_size(model: nn.Module) -> int:
     cfg = getattr(model, "adala_config", None) or {}
     if cfg.get("patch_size"):
         return int(cfg["patch_size"])
-    return int(backbone_of(model).patch_embed.patch_size[0])
+    vit = backbone_of(model)
+    return family_of(vit).patch_size(vit)
 
 
 def check_img_size(model: nn.Module, img_size: Any, key: str = "img_size") -> int:
@@ -111,13 +113,15 @@ def check_positive(value: Any, key: str, kind: type = int, allow_none: bool = Fa
 def check_pair(teacher: nn.Module, student: nn.Module) -> None:
     """Same depth, width, heads and patch size: the student must be a re-attentioned copy of the teacher."""
     t, s = backbone_of(teacher), backbone_of(student)
+    tf, sf = family_of(t), family_of(s)
     ta, sa = attention_modules(t), attention_modules(s)
     checks = [
+        ("family", tf.name, sf.name),
         ("blocks", len(ta), len(sa)),
-        ("embed dim", t.embed_dim, s.embed_dim),
+        ("embed dim", tf.embed_dim(t), sf.embed_dim(s)),
         ("heads", ta[0].num_heads, sa[0].num_heads),
         ("patch size", patch_size(t), patch_size(s)),
-        ("prefix tokens", t.num_prefix_tokens, s.num_prefix_tokens),
+        ("prefix tokens", tf.num_prefix_tokens(t), sf.num_prefix_tokens(s)),
     ]
     for name, tv, sv in checks:
         if tv != sv:
@@ -405,26 +409,28 @@ def finish(model: nn.Module, out: Path, metrics: dict, history: list[dict] | Non
 
 class TeacherRecorder:
     """Forward hooks on a teacher's attention modules: one teacher pass yields, for every block, the
-    attention's input (``norm1(x)``), its output, and optionally the block's own input."""
+    attention's input (``norm1(x)``, window-partitioned for SAM's windowed blocks), its keyword arguments
+    (Eva's ``rope``: replayed to the student unchanged), its output, and optionally the block's own input."""
 
     def __init__(self, teacher: nn.Module, block_inputs: bool = False) -> None:
-        self.attn_in: list[torch.Tensor | None] = []
-        self.attn_out: list[torch.Tensor | None] = []
-        self.block_in: list[torch.Tensor | None] = []
         self.handles = []
         vit = backbone_of(teacher)
         mods = attention_modules(vit)
-        self.attn_in = [None] * len(mods)
-        self.attn_out = [None] * len(mods)
-        self.block_in = [None] * len(mods)
+        n = len(mods)
+        self.attn_in: list[torch.Tensor | None] = [None] * n
+        self.attn_kwargs: list[dict[str, Any]] = [{} for _ in range(n)]
+        self.attn_out: list[torch.Tensor | None] = [None] * n
+        self.block_in: list[torch.Tensor | None] = [None] * n
+        blocks = family_of(vit).blocks(vit)
         for i, mod in enumerate(mods):
-            self.handles.append(mod.register_forward_hook(self._attn_hook(i)))
+            self.handles.append(mod.register_forward_hook(self._attn_hook(i), with_kwargs=True))
             if block_inputs:
-                self.handles.append(vit.blocks[i].register_forward_pre_hook(self._block_hook(i)))
+                self.handles.append(blocks[i].register_forward_pre_hook(self._block_hook(i)))
 
     def _attn_hook(self, i: int):
-        def hook(_mod, args, output):
+        def hook(_mod, args, kwargs, output):
             self.attn_in[i] = args[0].detach()
+            self.attn_kwargs[i] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             self.attn_out[i] = output.detach()
 
         return hook
@@ -438,6 +444,7 @@ class TeacherRecorder:
     def clear(self) -> None:
         n = len(self.attn_in)
         self.attn_in, self.attn_out, self.block_in = [None] * n, [None] * n, [None] * n
+        self.attn_kwargs = [{} for _ in range(n)]
 
     def remove(self) -> None:
         for h in self.handles:

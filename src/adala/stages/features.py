@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data.transforms import IndexedDataset, MultiSizeCollate
 from ..errors import ConfigError
+from ..models.families import family_of
 from ..models.surgery import backbone_of
 from .common import (
     StageResult,
@@ -69,9 +70,10 @@ class FeatureAlignment(nn.Module):
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        t_vit, s_vit = backbone_of(self.teacher), backbone_of(self.student)
         with torch.no_grad():
-            target = backbone_of(self.teacher).forward_features(x)
-        pred = backbone_of(self.student).forward_features(x)
+            target = family_of(t_vit).features(t_vit, x)
+        pred = family_of(s_vit).features(s_vit, x)
         return feature_loss(pred, target, self.loss)
 
 
