@@ -14,7 +14,7 @@ import sys
 
 from ..errors import AdalaError
 
-COMMAND_MODULES = ["core", "stages", "bench", "compare", "demo"]
+COMMAND_MODULES = ["core", "stages", "bench", "compare", "demo", "export"]
 
 
 class _Parser(argparse.ArgumentParser):
