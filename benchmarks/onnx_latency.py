@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/onnx_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "threads": args.threads},
+                    "threads": args.threads, "load_average_1min_after": round(os.getloadavg()[0], 2)},
         "onnxruntime": ort.__version__, "torch": torch.__version__, "opset": args.opset,
         "batch": 1, "repeats": args.repeats, "export_max_abs_error": errors, "results": rows,
     }

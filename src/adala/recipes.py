@@ -283,9 +283,10 @@ def parse_recipe(raw: Any, source: str | None = None) -> Recipe:
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe {p} not found")
+    """Parse a recipe file, or a packaged recipe by name (``demo``, ``paper-dinov2-l``; see ``adala recipes``)."""
+    from .configs import resolve
+
+    p = resolve(path)
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher spec (default: the recipe's)")
     p.add_argument("--attention", required=True, metavar="KIND,KIND",
                    help="attention kinds to compare, e.g. linear-elu,hedgehog,nystrom")
-    p.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML run for every kind")
+    p.add_argument("--recipe", default="demo",
+                   help="recipe file or packaged name run for every kind (default demo; see 'adala recipes')")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per kind)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value for every kind, e.g. stages.stage1.steps=2 (repeatable)")

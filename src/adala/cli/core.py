@@ -20,6 +20,15 @@ def _teachers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    from ..configs import describe, packaged
+
+    print("packaged recipes (adala run NAME, adala compare --recipe NAME):")
+    for name, path in packaged().items():
+        print(f"  {name:<20} {describe(path)}")
+    return 0
+
+
 def parse_options(items: list[str] | None) -> dict:
     """``--option key=value`` pairs; values parsed as YAML scalars (numbers, booleans)."""
     import yaml
@@ -99,6 +108,9 @@ def _linearize(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("teachers", help="list built-in teachers and accepted --teacher forms")
     p.set_defaults(func=_teachers)
+
+    p = sub.add_parser("recipes", help="list the recipes shipped with adala (run them by name: adala run demo)")
+    p.set_defaults(func=_recipes)
 
     p = sub.add_parser("linearize", help="swap a teacher's softmax attention for linear attention")
     p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")

@@ -204,8 +204,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the scores to this JSON file")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("run", help="run the stages of a YAML recipe (see configs/)")
-    p.add_argument("config", help="recipe YAML")
+    p = sub.add_parser("run", help="run the stages of a YAML recipe (a file, or a packaged name: 'adala recipes')")
+    p.add_argument("config", metavar="RECIPE", help="recipe YAML file, or a packaged recipe name such as demo")
     p.add_argument("--out", required=False, default=None, help="output directory (one sub-directory per stage)")
     p.add_argument("--fresh", action="store_true", help="re-run every stage, ignoring finished ones")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

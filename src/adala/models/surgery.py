@@ -90,7 +90,14 @@ def linearize(
     keep_softmax: list[int] | None = None,
     **options: Any,
 ) -> nn.Module:
-    """A copy of ``model`` whose softmax attentions are ``attention`` (blocks in ``keep_softmax`` stay exact)."""
+    """A copy of ``model`` whose softmax attentions are ``attention`` (blocks in ``keep_softmax`` stay exact).
+
+    The copy is trainable like a fresh timm model: every parameter has ``requires_grad=True``, even
+    though teachers come frozen (``load_teacher``), so a user's own training loop trains it. Its
+    train/eval mode is the input's. adala's stages choose what they train themselves (stage 1 freezes
+    all but the attention), and inference paths run under ``no_grad``/``inference_mode`` where the
+    flag costs nothing; ``model`` itself is left untouched.
+    """
     if hf.is_hf_model(model):  # a transformers DINOv2/ViT/CLIP/SigLIP: its timm equivalent first
         model = hf.from_hf(model)
     n = len(attention_modules(model))
@@ -99,7 +106,10 @@ def linearize(
     if bad:
         raise UnsupportedModelError(f"keep_softmax blocks {bad} out of range 0..{n - 1}")
     kinds = ["softmax" if i in keep else attention for i in range(n)]
-    return linearize_blocks(model, kinds, options)
+    student = linearize_blocks(model, kinds, options)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
 
 
 def _main_kind(kinds: list[str]) -> str:
