@@ -17,7 +17,22 @@ from ..errors import AdalaError
 COMMAND_MODULES = ["core", "stages", "bench", "compare", "demo", "export"]
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each flag's default unless its help already says it: one place, so no flag can forget."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS) and not action.required
+        if shown and action.option_strings and "default" not in text.lower() and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other user mistake
         self.exit(2, f"adala: error: {message} (see 'adala {self.prog.split()[-1]} --help')\n"
                   if " " in self.prog else f"adala: error: {message} (see 'adala --help')\n")

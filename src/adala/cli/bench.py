@@ -91,9 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--option", action="append", metavar="KEY=VALUE", help="attention option (repeatable)")
     src.add_argument("--keep-softmax", default=None, metavar="I,J", help="blocks that keep exact softmax")
     p.add_argument("--resolutions", default="224,448,672,896,1344", help="comma-separated image sizes")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=1, help="images per timed forward")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of the timed forward")
     p.add_argument("--sdpa-backend", default=None, choices=["flash", "efficient", "cudnn", "math"],
                    help="pin the softmax teacher's torch SDPA backend (default: torch's choice)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -111,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the linear feature map (one pass; first call compiles for tens of s)")
     p.add_argument("--train-steps", action="store_true", help="also time stage-1 and stage-2 optimiser steps")
     p.add_argument("--train-resolution", type=int, default=None, help="resolution for --train-steps")
-    p.add_argument("--train-repeats", type=int, default=3)
+    p.add_argument("--train-repeats", type=int, default=3, help="timed optimiser steps per stage with --train-steps")
     p.add_argument("--out", required=True, help="JSON output path")
     p.add_argument("--plot", default=None, help="PNG output path")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

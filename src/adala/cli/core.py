@@ -114,8 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("linearize", help="swap a teacher's softmax attention for linear attention")
     p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")
-    p.add_argument("--attention", default="linear-elu", help="attention kind")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="attention option (repeatable)")
+    p.add_argument("--attention", default="linear-elu", help="attention kind (see 'adala teachers')")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="attention option (repeatable; default: the kind's defaults)")
     p.add_argument("--student", default=None, metavar="DIR",
                    help="start from this linearized student (e.g. a stage-1 output) instead of a fresh swap")
     p.add_argument("--keep-softmax", default=None, metavar="K|auto",

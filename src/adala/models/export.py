@@ -138,7 +138,7 @@ def _session(path: Path):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ExportError("checking the export needs onnxruntime: pip install onnxruntime") from None
+        raise ExportError("checking the export needs onnxruntime: pip install onnxruntime (or adala[export])") from None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
