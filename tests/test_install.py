@@ -66,8 +66,14 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def test_built_wheel_runs_recipes_by_name_from_root(tmp_path):
     """Build the wheel, install it (no deps, no index) in a fresh venv that reuses this interpreter's
     installed packages (torch, timm, ...) through a .pth file, and run the CLI from /."""
+    import shutil
+
+    # build from a clean copy: setuptools builds in the source tree, and a stale build/ could leak into the wheel
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "out",
+                                                             "*.egg-info", "__pycache__", ".*_cache"))
     dist = tmp_path / "dist"
-    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)])
+    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)])
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next(dist.glob("adala-*.whl"))
     import zipfile

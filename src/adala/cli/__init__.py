@@ -22,7 +22,9 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, [], argparse.SUPPRESS) and not action.required
+        default = action.default  # 0 and 0.0 are defaults worth showing (0 == False, so compare by identity)
+        shown = not (default is None or default is False or default == [] or default is argparse.SUPPRESS)
+        shown = shown and not action.required
         if shown and action.option_strings and "default" not in text.lower() and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text

@@ -118,13 +118,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="attention option (repeatable; default: the kind's defaults)")
     p.add_argument("--student", default=None, metavar="DIR",
-                   help="start from this linearized student (e.g. a stage-1 output) instead of a fresh swap")
+                   help="start from this linearized student (e.g. a stage-1 output) instead of a fresh swap "
+                        "(default: swap the teacher)")
     p.add_argument("--keep-softmax", default=None, metavar="K|auto",
                    help="keep exact softmax in the K blocks with the largest attention error (held-out photos); "
-                        "auto: as many as --speed-budget allows")
+                        "auto: as many as --speed-budget allows (default: none)")
     p.add_argument("--speed-budget", default=None, metavar="SPEEDUP@RES",
-                   help="with --keep-softmax auto: minimum speed-up vs the teacher at RES px, e.g. 2.0@896")
-    p.add_argument("--keep-blocks", default=None, metavar="I,J", help="block indices that keep exact softmax")
+                   help="with --keep-softmax auto: minimum speed-up vs the teacher at RES px, e.g. 2.0@896 "
+                        "(default: none)")
+    p.add_argument("--keep-blocks", default=None, metavar="I,J",
+                   help="block indices that keep exact softmax (default: none)")
     p.add_argument("--img-size", type=int, default=None, help="image size for the block errors (default: teacher's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .pt/.pth/.bin teacher weights")
     p.add_argument("--out", required=True, help="output directory")

@@ -232,7 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the stages of a YAML recipe (a file, or a packaged name: 'adala recipes')")
     p.add_argument("config", metavar="RECIPE", help="recipe YAML file, or a packaged recipe name such as demo")
     p.add_argument("--out", required=False, default=None,
-                   help="output directory (one sub-directory per stage; required unless --check)")
+                   help="output directory (one sub-directory per stage; required unless --check; default: none)")
     p.add_argument("--fresh", action="store_true", help="re-run every stage, ignoring finished ones")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. stages.stage1.steps=2 (repeatable; default: none)")
