@@ -29,7 +29,7 @@ from adala.stages import align_features, finetune
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo", help="output directory of a finished recipe run")
-    ap.add_argument("--recipe", default="configs/demo.yaml", help="the recipe that run used")
+    ap.add_argument("--recipe", default="demo", help="the recipe that run used")
     ap.add_argument("--after", choices=("stage1", "stage2"), default="stage1",
                     help="hybridise the stage-1 student and run stage 2, or swap inside the stage-2 student")
     ap.add_argument("--stage1", default="stage1", help="the recipe's stage-1 stage name")

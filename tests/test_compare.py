@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,7 +95,7 @@ def test_compare_rejects_unknown_kinds_and_recipes_without_a_linearize_stage(tmp
 def test_compare_runs_only_what_the_table_needs_of_the_demo_recipe():
     from adala.compare import _final_student, _needed_stages
 
-    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    recipe = load_recipe("demo")  # the packaged recipe, by name
     final = _final_student(recipe)
     assert final == "stage2"  # stage 1 -> stage 2, not the ablation's stage 2 straight from linearize
     names = [st.name for st in _needed_stages(recipe.stages, final)]

@@ -119,6 +119,13 @@ class _Lazy(dict):
         p.write_text("teacher: dinov2-s14\nstages:\n  s1: {kind: align-attention}\n  s1: {kind: align-attention}\n")
         return p
 
+    def _window_hybrid_student(self) -> Path:
+        from conftest import tiny_teacher
+
+        d = self.tmp / "window_hybrid"
+        adala.save_model(adala.linearize(tiny_teacher(), "window-hybrid"), d)
+        return d
+
     def _rgb_masks(self) -> Path:
         root = self.tmp / "seg"
         (root / "images").mkdir(parents=True)

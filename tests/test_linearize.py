@@ -85,3 +85,24 @@ def test_unsupported_architecture_names_what_is_supported():
     model.adala_config = {}
     with pytest.raises(UnsupportedModelError, match="supported: timm VisionTransformer"):
         adala.linearize(model)
+
+
+def test_linearize_returns_a_trainable_model():
+    """Teachers come frozen; the student is trainable like a fresh timm model, and the teacher stays frozen."""
+    teacher = tiny_teacher()
+    assert not any(p.requires_grad for p in teacher.parameters())
+    student = adala.linearize(teacher, "linear-elu").train()
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    loss = student.forward_features(torch.randn(2, 3, 56, 56)).square().mean()
+    loss.backward()  # a user's own loop: every block gets a gradient
+    assert all(p.grad is not None for p in student.blocks[-1].parameters())
+
+
+def test_stage_one_still_trains_only_the_attention():
+    from adala.stages.attention import trainable_attention_params
+
+    student = adala.linearize(tiny_teacher(), "linear-elu")
+    names = set(trainable_attention_params(student, "attention"))
+    got = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert got == names and all(".attn." in n and ".proj." not in n for n in got)

@@ -13,7 +13,7 @@ from adala.cli import main
 from adala.errors import ConfigError
 from adala.recipes import apply_overrides, load_recipe, parse_recipe, run_recipe
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(adala.__file__).resolve().parent / "configs"  # the packaged recipes
 
 
 @pytest.fixture(scope="module")

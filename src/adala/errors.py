@@ -47,3 +47,13 @@ class NonFiniteError(AdalaError, FloatingPointError):
 
 class OfflineError(AdalaError, ConnectionError):
     pass
+
+
+class ExportError(AdalaError, RuntimeError):
+    """A model cannot be exported in the requested form, or its exported graph disagrees with PyTorch."""
+
+
+class ExportCheckError(ExportError):
+    """The exported graph runs but disagrees with PyTorch: an exporter/adala bug, not a user mistake."""
+
+    exit_code = 1

@@ -328,9 +328,10 @@ def _load_yaml(text: str, source: str) -> Any:
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe {p} not found")
+    """Parse a recipe file, or a packaged recipe by name (``demo``, ``paper-dinov2-l``; see ``adala recipes``)."""
+    from .configs import resolve
+
+    p = resolve(path)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import keeps_freed_memory
+from ..tracing import is_tracing
 
 DEFAULT_EPS = 1e-6
 
@@ -220,6 +221,9 @@ def linear_attention(
     Shapes: phi_q (B, H, N, D), phi_k (B, H, M, D), v (B, H, M, Dv) -> (B, H, N, Dv).
     Without autograd the result is written straight into (B, N, H, Dv) memory and returned as its
     (B, H, N, Dv) view, so the caller's ``transpose(1, 2).reshape`` is free instead of a copy.
+    Under a tracer/exporter/compiler (``adala.tracing.is_tracing``) the functional formulation runs
+    instead: the no-grad path's ``out=`` writes into views of a fresh buffer are lost by the ONNX
+    exporter, which then bakes that buffer in as a constant.
     """
     out_dtype = v.dtype
     with torch.autocast(device_type=v.device.type, enabled=False):
@@ -227,7 +231,7 @@ def linear_attention(
         phi_q, phi_k, v = phi_q.to(acc), phi_k.to(acc), v.to(acc)
         dv = v.shape[-1]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v))
-        if needs_grad or phi_q.dim() != 4:
+        if needs_grad or phi_q.dim() != 4 or is_tracing():
             nd = phi_q @ _kv_with_sum(phi_k, v)  # (…, N, Dv+1): numerator and normaliser together
             out = nd[..., :dv] / (nd[..., dv:] + eps)
         else:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..tracing import is_tracing
 from .base import KernelAttention
 from .kernels import (
     DEFAULT_EPS,
@@ -42,11 +43,6 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 KERNELS = ("auto", "torch")
 # CPU tests run the Triton kernels in triton's interpreter; otherwise CPU never imports triton
 _TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-def _tracing() -> bool:
-    """Tracers, exporters and compilers get the plain functional path (no out=, no workspace)."""
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 class LinearAttention(KernelAttention):
@@ -108,7 +104,7 @@ class LinearAttention(KernelAttention):
         return (
             self.kernel == "auto"
             and not records_grad
-            and not _tracing()
+            and not is_tracing()  # tracers get the plain functional path (no out=, no workspace)
             and isinstance(self.q_norm, nn.Identity)
             and isinstance(self.k_norm, nn.Identity)
             and type(self).mix is LinearAttention.mix

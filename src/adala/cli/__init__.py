@@ -16,7 +16,20 @@ import threading
 
 from ..errors import AdalaError
 
-COMMAND_MODULES = ["core", "stages", "bench", "compare", "demo"]
+COMMAND_MODULES = ["core", "stages", "bench", "compare", "demo", "export"]
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows each flag's default unless its help already says it: one place, so no flag can forget."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default  # 0 and 0.0 are defaults worth showing (0 == False, so compare by identity)
+        shown = not (default is None or default is False or default == [] or default is argparse.SUPPRESS)
+        shown = shown and not action.required
+        if shown and action.option_strings and "default" not in text.lower() and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 class Terminated(BaseException):
@@ -30,6 +43,10 @@ def _on_sigterm(signum: int, frame) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other user mistake
         self.exit(2, f"adala: error: {message} (see 'adala {self.prog.split()[-1]} --help')\n"
                   if " " in self.prog else f"adala: error: {message} (see 'adala --help')\n")

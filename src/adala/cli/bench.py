@@ -84,16 +84,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_argument_group("models")
     src.add_argument("--teacher", default=None, help="teacher spec (default dinov2-s14, or the --model's teacher)")
     src.add_argument("--teacher-option", action="append", metavar="KEY=VALUE",
-                     help="keyword for load_teacher, e.g. pretrained=false depth=2 (repeatable)")
-    src.add_argument("--model", action="append", metavar="DIR", help="a saved student to compare with its teacher")
+                     help="keyword for load_teacher, e.g. pretrained=false depth=2 (repeatable; default: none)")
+    src.add_argument("--model", action="append", metavar="DIR",
+                     help="a saved student to compare with its teacher (repeatable; default: none)")
     src.add_argument("--attention", nargs="+", action="extend", metavar="KIND",
                      help="attention kinds to build from the teacher (default linear-elu)")
-    src.add_argument("--option", action="append", metavar="KEY=VALUE", help="attention option (repeatable)")
-    src.add_argument("--keep-softmax", default=None, metavar="I,J", help="blocks that keep exact softmax")
+    src.add_argument("--option", action="append", metavar="KEY=VALUE",
+                     help="attention option (repeatable; default: the kind's defaults)")
+    src.add_argument("--keep-softmax", default=None, metavar="I,J",
+                     help="blocks that keep exact softmax (default: none)")
     p.add_argument("--resolutions", default="224,448,672,896,1344", help="comma-separated image sizes")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=1, help="images per timed forward")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of the timed forward")
     p.add_argument("--sdpa-backend", default=None, choices=["flash", "efficient", "cudnn", "math"],
                    help="pin the softmax teacher's torch SDPA backend (default: torch's choice)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -105,14 +108,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--max-load", type=float, default=None, metavar="CORES",
-                   help="before each resolution wait until other processes use fewer cores than this")
+                   help="before each resolution wait until other processes use fewer cores than this (default: no "
+                        "wait)")
     p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for --max-load, seconds")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the linear feature map (one pass; first call compiles for tens of s)")
     p.add_argument("--train-steps", action="store_true", help="also time stage-1 and stage-2 optimiser steps")
-    p.add_argument("--train-resolution", type=int, default=None, help="resolution for --train-steps")
-    p.add_argument("--train-repeats", type=int, default=3)
+    p.add_argument("--train-resolution", type=int, default=None,
+                   help="resolution for --train-steps (default: the first --resolutions entry)")
+    p.add_argument("--train-repeats", type=int, default=3, help="timed optimiser steps per stage with --train-steps")
     p.add_argument("--out", required=True, help="JSON output path")
-    p.add_argument("--plot", default=None, help="PNG output path")
+    p.add_argument("--plot", default=None, help="PNG output path (default: no plot)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_bench)

@@ -23,10 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher spec (default: the recipe's)")
     p.add_argument("--attention", required=True, metavar="KIND,KIND",
                    help="attention kinds to compare, e.g. linear-elu,hedgehog,nystrom")
-    p.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML run for every kind")
+    p.add_argument("--recipe", default="demo",
+                   help="recipe file or packaged name run for every kind (default demo; see 'adala recipes')")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per kind)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value for every kind, e.g. stages.stage1.steps=2 (repeatable)")
+                   help="override a recipe value for every kind, e.g. stages.stage1.steps=2 (repeatable; default: "
+                        "none)")
     p.add_argument("--resolutions", default="224,896", help="bench resolutions (comma-separated)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per model and resolution")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (slower)")

@@ -27,6 +27,15 @@ def _teachers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    from ..configs import describe, packaged
+
+    print("packaged recipes (adala run NAME, adala compare --recipe NAME):")
+    for name, path in packaged().items():
+        print(f"  {name:<20} {describe(path)}")
+    return 0
+
+
 def parse_options(items: list[str] | None) -> dict:
     """``--option key=value`` pairs; values parsed as YAML scalars (numbers, booleans)."""
     import yaml
@@ -107,18 +116,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("teachers", help="list built-in teachers and accepted --teacher forms")
     p.set_defaults(func=_teachers)
 
+    p = sub.add_parser("recipes", help="list the recipes shipped with adala (run them by name: adala run demo)")
+    p.set_defaults(func=_recipes)
+
     p = sub.add_parser("linearize", help="swap a teacher's softmax attention for linear attention")
     p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")
-    p.add_argument("--attention", default="linear-elu", help="attention kind")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="attention option (repeatable)")
+    p.add_argument("--attention", default="linear-elu", help="attention kind (see 'adala teachers')")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="attention option (repeatable; default: the kind's defaults)")
     p.add_argument("--student", default=None, metavar="DIR",
-                   help="start from this linearized student (e.g. a stage-1 output) instead of a fresh swap")
+                   help="start from this linearized student (e.g. a stage-1 output) instead of a fresh swap "
+                        "(default: swap the teacher)")
     p.add_argument("--keep-softmax", default=None, metavar="K|auto",
                    help="keep exact softmax in the K blocks with the largest attention error (held-out photos); "
-                        "auto: as many as --speed-budget allows")
+                        "auto: as many as --speed-budget allows (default: none)")
     p.add_argument("--speed-budget", default=None, metavar="SPEEDUP@RES",
-                   help="with --keep-softmax auto: minimum speed-up vs the teacher at RES px, e.g. 2.0@896")
-    p.add_argument("--keep-blocks", default=None, metavar="I,J", help="block indices that keep exact softmax")
+                   help="with --keep-softmax auto: minimum speed-up vs the teacher at RES px, e.g. 2.0@896 "
+                        "(default: none)")
+    p.add_argument("--keep-blocks", default=None, metavar="I,J",
+                   help="block indices that keep exact softmax (default: none)")
     p.add_argument("--img-size", type=int, default=None, help="image size for the block errors (default: teacher's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .pt/.pth/.bin teacher weights")
     p.add_argument("--out", required=True, help="output directory")

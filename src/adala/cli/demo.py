@@ -7,16 +7,12 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
-
 
 def default_config() -> Path:
-    """configs/demo.yaml from the working directory, else from the source checkout."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        p = base / "configs" / "demo.yaml"
-        if p.is_file():
-            return p
-    raise ConfigError("configs/demo.yaml not found; pass --config")
+    """The packaged ``demo`` recipe: found from any directory, editable install or not."""
+    from ..configs import resolve
+
+    return resolve("demo")
 
 
 def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int] = (224, 448, 896),
@@ -44,9 +40,10 @@ def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from ..configs import resolve
     from .core import parse_ints
 
-    config = Path(args.config) if args.config else default_config()
+    config = resolve(args.config) if args.config else default_config()
     report = run_demo(config, Path(args.out), args.fresh, parse_ints(args.resolutions, "--resolutions"),
                       args.repeats)
     headline = report.read_text().split("## The paper's ablation")[0].split("## Teacher vs student")[-1]
@@ -57,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole method on the embedded teacher and write a report")
-    p.add_argument("--config", default=None, help="recipe (default configs/demo.yaml)")
+    p.add_argument("--config", default=None, help="recipe file or packaged name (default: the packaged demo)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="rerun every stage instead of reusing finished ones")
     p.add_argument("--resolutions", default="224,448,896", help="benchmark resolutions")

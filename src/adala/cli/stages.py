@@ -19,17 +19,26 @@ def _train_kwargs(args: argparse.Namespace) -> dict:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None)
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
-    g.add_argument("--grad-clip", dest="grad_clip", type=float, default=None)
-    g.add_argument("--accum-steps", dest="accum_steps", type=int, default=None)
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default=None)
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    g.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=None, help="checkpoint every N steps")
+    g.add_argument("--seed", type=int, default=0, help="random seed for data order and init")
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None,
+                   help="linear warm-up steps before the cosine decay (default 0)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=None,
+                   help="AdamW weight decay (default 0.05)")
+    g.add_argument("--grad-clip", dest="grad_clip", type=float, default=None,
+                   help="clip the gradient norm to this value (default 1.0)")
+    g.add_argument("--accum-steps", dest="accum_steps", type=int, default=None,
+                   help="micro-batches accumulated per optimiser step (default 1)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+                   help="mixed precision (default auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to train (default auto: CUDA when available)")
+    g.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=None,
+                   help="checkpoint every N steps (default 0: only at the end)")
     g.add_argument("--keep", type=int, default=None, help="checkpoints kept (default 2)")
-    g.add_argument("--num-workers", dest="num_workers", type=int, default=None)
-    g.add_argument("--log-every", dest="log_every", type=int, default=None)
+    g.add_argument("--num-workers", dest="num_workers", type=int, default=None,
+                   help="data-loader worker processes (default 0: load in the main process)")
+    g.add_argument("--log-every", dest="log_every", type=int, default=None,
+                   help="log the loss every N steps (default 10)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (a finished run: nothing to do)")
     g.add_argument("--force", action="store_true",
@@ -170,73 +179,89 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--attention", default="linear-elu", help="linearize the teacher with this kind")
-    src.add_argument("--student", default=None, help="a linearized model directory instead")
+    src.add_argument("--student", default=None,
+                     help="a linearized model directory instead (default: linearize the teacher)")
     p.add_argument("--data", action="append", default=None,
                    help="unlabeled image data spec (repeat to mix sources in equal parts; default photos)")
-    p.add_argument("--img-size", dest="img_size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train", choices=["attention", "attention+proj", "all"], default="attention")
+    p.add_argument("--img-size", dest="img_size", type=int, default=224,
+                   help="image size, a multiple of the patch size")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--train", choices=["attention", "attention+proj", "all"], default="attention",
+                   help="what stage 1 trains: q/k/v (+ the kind's own parameters), plus proj, or also norm1")
     p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
     p.set_defaults(func=_align_attention)
 
     p = sub.add_parser("align-features", help="stage 2: align the student's final tokens with the teacher's")
-    p.add_argument("--teacher", default="dinov2-s14")
+    p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")
     p.add_argument("--student", required=True, help="model directory (stage-1 output or linearized)")
     p.add_argument("--data", action="append", default=None,
                    help="unlabeled image data spec (repeat to mix sources in equal parts; default photos)")
     p.add_argument("--img-size", dest="img_size", type=_sizes, default=224,
-                   help="training resolution, or several (224,448): each batch at one of them (default 224)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--loss", choices=["mse", "cosine", "mse+cosine", "cosine+smooth-l1"], default="mse")
-    p.add_argument("--train", choices=["all", "attention", "attention+proj"], default="all")
-    p.add_argument("--out", required=True)
+                   help="training resolution, or several (224,448): each batch at one of them")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--loss", choices=["mse", "cosine", "mse+cosine", "cosine+smooth-l1"], default="mse",
+                   help="feature loss on the final tokens")
+    p.add_argument("--train", choices=["all", "attention", "attention+proj"], default="all",
+                   help="what stage 2 trains")
+    p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
     p.set_defaults(func=_align_features)
 
     p = sub.add_parser("finetune", help="stage 3: classification / linear probe / segmentation head")
     p.add_argument("--model", required=True, help="model directory or teacher spec")
-    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation"], default="classification")
+    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation"], default="classification",
+                   help="head to train")
     p.add_argument("--data", required=True, help="labelled data spec (fashion-mnist, folder:PATH, ...)")
-    p.add_argument("--img-size", dest="img_size", type=int, default=224)
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--head", default="linear", help="classification: linear|mlp; segmentation: linear|linear4")
-    p.add_argument("--freeze-backbone", dest="freeze_backbone", choices=["yes", "no"], default=None)
-    p.add_argument("--length", type=int, default=None, help="use the first N training items")
-    p.add_argument("--eval-data", dest="eval_data", default=None, help="score the result on this data")
-    p.add_argument("--eval-length", dest="eval_length", type=int, default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--img-size", dest="img_size", type=int, default=224,
+                   help="image size, a multiple of the patch size")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="passes over the data (default: the task's, unless --steps is given)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps instead of --epochs (default: none)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help="images per step (default: the task's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the task's)")
+    p.add_argument("--head", default="linear",
+                   help="classification: linear|mlp; segmentation: linear|linear4 (default linear)")
+    p.add_argument("--freeze-backbone", dest="freeze_backbone", choices=["yes", "no"], default=None,
+                   help="train only the head (default: yes for linear-probe, no otherwise)")
+    p.add_argument("--length", type=int, default=None, help="use the first N training items (default: all)")
+    p.add_argument("--eval-data", dest="eval_data", default=None,
+                   help="score the result on this data (default: no scoring)")
+    p.add_argument("--eval-length", dest="eval_length", type=int, default=None,
+                   help="score the first N --eval-data items (default: all)")
+    p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("evaluate", help="top-1 / mIoU, and fidelity to a teacher")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--task", choices=["classification", "linear-probe", "segmentation", "features",
-                                      "correspondence"], required=True)
-    p.add_argument("--data", required=True)
+                                      "correspondence"], required=True,
+                   help="what to score (features: fidelity to --teacher; correspondence: patch matching vs --teacher)")
+    p.add_argument("--data", required=True, help="data spec to score on (fashion-mnist:test, folder:PATH, ...)")
     p.add_argument("--img-size", dest="img_size", type=_sizes, default=224,
-                   help="resolution, or several (224,448,896): each scored on the same images (default 224)")
-    p.add_argument("--teacher", default=None, help="also measure fidelity to this teacher")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
-    p.add_argument("--length", type=int, default=None, help="score the first N items")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    p.add_argument("--out", default=None, help="write the scores to this JSON file")
+                   help="resolution, or several (224,448,896): each scored on the same images")
+    p.add_argument("--teacher", default=None, help="also measure fidelity to this teacher (default: none)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="images per forward")
+    p.add_argument("--length", type=int, default=None, help="score the first N items (default: all)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to run (default auto: CUDA when available)")
+    p.add_argument("--out", default=None, help="write the scores to this JSON file (default: print only)")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("run", help="run the stages of a YAML recipe (see configs/)")
-    p.add_argument("config", help="recipe YAML")
-    p.add_argument("--out", required=False, default=None, help="output directory (one sub-directory per stage)")
+    p = sub.add_parser("run", help="run the stages of a YAML recipe (a file, or a packaged name: 'adala recipes')")
+    p.add_argument("config", metavar="RECIPE", help="recipe YAML file, or a packaged recipe name such as demo")
+    p.add_argument("--out", required=False, default=None,
+                   help="output directory (one sub-directory per stage; required unless --check; default: none)")
     p.add_argument("--fresh", action="store_true", help="re-run every stage, ignoring finished ones")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. stages.stage1.steps=2 (repeatable)")
-    p.add_argument("--check", action="store_true", help="only validate the recipe")
+                   help="override a recipe value, e.g. stages.stage1.steps=2 (repeatable; default: none)")
+    p.add_argument("--check", action="store_true", help="only validate the recipe and its inputs; train nothing")
     p.add_argument("--force", action="store_true",
                    help="write into an existing non-empty --out that adala did not create")
     p.set_defaults(func=_run_checked)

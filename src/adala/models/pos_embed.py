@@ -12,19 +12,38 @@ plain timm ``VisionTransformer`` (isinstance, forward_features, state dict) and 
 
 from __future__ import annotations
 
+import contextlib
 import types
 import weakref
+from collections.abc import Iterator
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from ..tracing import is_tracing
+
 MAX_CACHED_SIZES = 8
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BAKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _traced() -> bool:
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+@contextlib.contextmanager
+def baked_pos_embed(model: VisionTransformer, h: int, w: int) -> Iterator[None]:
+    """While active, a tracer sees the h×w grid's embedding as a constant instead of resampling ops.
+
+    For fixed-size exports: the graph needs no ``Resize`` at all, and models resampled with
+    antialiasing (which the TorchScript ONNX exporter cannot express) export at any size.
+    """
+    with torch.no_grad():
+        pe = resample_abs_pos_embed(model.pos_embed, new_size=(h, w), old_size=model.patch_embed.grid_size,
+                                    num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens,
+                                    antialias=getattr(model, "pos_embed_antialias", True))
+    _BAKED.setdefault(model, {})[(h, w)] = pe
+    try:
+        yield
+    finally:
+        _BAKED.get(model, {}).pop((h, w), None)
 
 
 def resampled_pos_embed(model: VisionTransformer, h: int, w: int, antialias: bool) -> torch.Tensor:
@@ -36,7 +55,10 @@ def resampled_pos_embed(model: VisionTransformer, h: int, w: int, antialias: boo
                                       num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens,
                                       antialias=antialias)
 
-    if (torch.is_grad_enabled() and pe.requires_grad) or _traced():
+    if is_tracing():
+        baked = _BAKED.get(model, {}).get((int(h), int(w)))  # sizes are traced 0-d tensors here
+        return baked if baked is not None else _resample_in_graph(model, h, w, antialias)
+    if torch.is_grad_enabled() and pe.requires_grad:
         return compute()
     dev = pe.device.type
     key = (h, w, antialias, pe.device, pe.dtype, pe.data_ptr(), pe._version, torch.is_inference_mode_enabled(),
@@ -48,6 +70,24 @@ def resampled_pos_embed(model: VisionTransformer, h: int, w: int, antialias: boo
             cache.clear()
         got = cache[key] = compute()
     return got
+
+
+def _resample_in_graph(model: VisionTransformer, h: int, w: int, antialias: bool) -> torch.Tensor:
+    """The same resampling as a graph of ops on the traced sizes, never cached nor skipped.
+
+    timm returns the embedding unchanged when the grid already matches; a tracer then records no
+    resize at all and an exported "dynamic" graph only runs at the traced size. Bicubic at scale 1
+    reproduces the grid exactly (half-pixel centres fall on the samples), so always resizing costs
+    nothing in accuracy. Same math as ``resample_abs_pos_embed``: prefix rows kept, grid resized in fp32.
+    """
+    pe = model.pos_embed
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    gh, gw = model.patch_embed.grid_size
+    grid = pe[:, prefix:].float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias,
+                                           align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, pe.shape[-1]).to(pe.dtype)
+    return torch.cat([pe[:, :prefix], grid], dim=1) if prefix else grid
 
 
 def _pos_embed(self: VisionTransformer, x: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,12 @@ def linearize(
     A ``transformers`` model (DINOv2, ViT, CLIP/SigLIP vision, DINOv3 ViT, or a Depth Anything / backbone built on
     one) stays that class: its attention is switched through transformers' registry (``hf_attention``), so
     ``model(pixel_values=...)`` and heads built on it keep working. ``adala.models.hf.to_timm`` gives timm instead.
+
+    The copy is trainable like a fresh timm model: every parameter has ``requires_grad=True``, even
+    though teachers come frozen (``load_teacher``), so a user's own training loop trains it. Its
+    train/eval mode is the input's. adala's stages choose what they train themselves (stage 1 freezes
+    all but the attention), and inference paths run under ``no_grad``/``inference_mode`` where the
+    flag costs nothing; ``model`` itself is left untouched.
     """
     if hf.is_hf_model(model):
         from .hf_attention import linearize_hf
@@ -113,7 +119,10 @@ def linearize(
         raise UnsupportedModelError(f"keep_softmax blocks {bad} out of range 0..{n - 1}")
     chosen = set(range(n)) if blocks == "all" else set(fam.global_blocks(backbone_of(model)))
     kinds = ["softmax" if i in keep or i not in chosen else attention for i in range(n)]
-    return linearize_blocks(model, kinds, options)
+    student = linearize_blocks(model, kinds, options)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
 
 
 def _main_kind(kinds: list[str]) -> str:
