@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from adala.bench import bench, plot_bench, write_json
+from adala.benchmark import bench, plot_bench, write_json
 
 # the brief's targets: >= 95 % of the FLOP bound (bound 1.08 / 1.41 / 1.95 / 2.70 / 4.87x)
 TARGET_FRACTION = 0.95

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from adala.evaluate import evaluate
+from adala.evaluation import evaluate
 from adala.models import load_model, load_teacher
 
 

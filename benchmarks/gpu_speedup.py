@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import adala
 from adala.attention.naive import linear_attention_reference
-from adala.bench import bench, plot_bench, write_json
+from adala.benchmark import bench, plot_bench, write_json
 
 TARGET_SPEEDUP = {252: 1.0, 504: 1.6, 1022: 3.0}
 TARGET_MEMORY_CUT = {1022: 0.60}
@@ -86,7 +86,7 @@ def profile(models: dict, res: int, dtype: torch.dtype, rows: int = 12) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from adala.bench.measure import sdpa_backend
+    from adala.benchmark.measure import sdpa_backend
 
     x = torch.randn(1, 3, res, res, device="cuda")
     parts = []
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         result["agreement"] = agreement(students, 5330)
         print("agreement:", result["agreement"], flush=True)
     if "train" not in skip:
-        from adala.bench.train import train_throughput
+        from adala.benchmark.train import train_throughput
 
         try:
             result["train_steps"] = train_throughput(teacher, {"linear-elu": students["linear-elu"]}, 252,

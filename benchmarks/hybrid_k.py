@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import adala
-from adala.bench import bench
+from adala.benchmark import bench
 from adala.hybrid import block_errors, choose_softmax_blocks, make_hybrid
 from adala.recipes import load_recipe
 from adala.stages import align_features, finetune

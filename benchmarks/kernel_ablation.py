@@ -34,8 +34,8 @@ import torch
 import adala
 from adala.attention.base import KernelAttention
 from adala.attention.kernels import elu_plus_one, fused_linear_attention, linear_attention, packed_projection
-from adala.bench.flops import block_flops, model_flops
-from adala.bench.measure import interleaved
+from adala.benchmark.flops import block_flops, model_flops
+from adala.benchmark.measure import interleaved
 
 VARIANTS = ("naive", "ksum", "layout65", "layout", "inplace", "workspace", "fused")
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import adala
-from adala.bench import bench, crossover, model_flops
-from adala.bench.flops import block_flops
-from adala.bench.measure import interleaved
+from adala.benchmark import bench, crossover, model_flops
+from adala.benchmark.flops import block_flops
+from adala.benchmark.measure import interleaved
 from adala.cli import main
 from adala.errors import ConfigError
 
@@ -172,7 +172,7 @@ def test_keep_freed_memory_can_be_turned_off_from_the_environment():
 
 
 def test_sdpa_backend_pins_torch_and_cli_records_it(tmp_path, capsys):
-    from adala.bench.measure import sdpa_backend
+    from adala.benchmark.measure import sdpa_backend
 
     with sdpa_backend("math"):
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()

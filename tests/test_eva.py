@@ -15,7 +15,7 @@ from timm.models.eva import Eva
 import adala
 from adala.attention.naive import linear_attention_reference, softmax_attention_reference
 from adala.attention.rope import RopeKernelAttention
-from adala.bench import bench, model_flops
+from adala.benchmark import bench, model_flops
 from adala.errors import UnsupportedModelError
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}

@@ -11,8 +11,8 @@ import torch
 import adala
 from adala.data import build_dataset
 from adala.errors import ConfigError
-from adala.evaluate import evaluate, fidelity
-from adala.evaluate.metrics import ConfusionMatrix, classification_scores, segmentation_scores
+from adala.evaluation import evaluate, fidelity
+from adala.evaluation.metrics import ConfusionMatrix, classification_scores, segmentation_scores
 from adala.stages.heads import task_config, wrap
 
 
@@ -112,7 +112,7 @@ def _permuted_patches(teacher: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_structure_agreement_by_hand():
-    from adala.evaluate.fidelity import structure_agreement
+    from adala.evaluation.fidelity import structure_agreement
 
     # 1-D points on a line: each point's 2 nearest (cosine on 2-D unit vectors at angles) are its neighbours
     ang = torch.linspace(0, 1.5, 8)
@@ -130,8 +130,8 @@ def test_structure_agreement_by_hand():
 
 
 def test_teacher_scores_one_and_permuted_student_scores_low(embedded_teacher):
-    from adala.evaluate.correspondence import correspondence
-    from adala.evaluate.fidelity import FidelityMeter
+    from adala.evaluation.correspondence import correspondence
+    from adala.evaluation.fidelity import FidelityMeter
 
     t = embedded_teacher
     ds = build_dataset("photos:heldout", task="unlabeled", img_size=112, mean=(0.485, 0.456, 0.406),
@@ -159,7 +159,7 @@ def test_teacher_scores_one_and_permuted_student_scores_low(embedded_teacher):
 
 
 def test_match_accuracy_by_hand():
-    from adala.evaluate.correspondence import match_accuracy
+    from adala.evaluation.correspondence import match_accuracy
 
     grid = 4
     feats = torch.eye(grid * grid)  # every A patch unique

@@ -9,7 +9,7 @@ import adala
 from adala.data import build_dataset
 from adala.data.transforms import IndexedDataset, MultiSizeCollate
 from adala.errors import ConfigError
-from adala.evaluate import evaluate
+from adala.evaluation import evaluate
 from adala.stages import align_features
 
 KW = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

@@ -435,7 +435,7 @@ def test_wds_bad_member_is_counted_and_listed_without_warnings(tmp_path, dirs, c
 
 
 def test_bench_refuses_a_student_of_another_teacher():
-    from adala.bench import bench
+    from adala.benchmark import bench
 
     teacher = tiny_teacher(img_size=28)
     other = adala.linearize(tiny_teacher(img_size=28, embed_dim=32))

@@ -15,7 +15,7 @@ from timm.models.vision_transformer_sam import VisionTransformerSAM
 
 import adala
 from adala.attention.sam import SamKernelAttention
-from adala.bench import bench, model_flops
+from adala.benchmark import bench, model_flops
 from adala.errors import ConfigError, OfflineError
 from adala.stages import align_attention
 

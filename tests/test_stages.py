@@ -9,7 +9,7 @@ import torch
 
 import adala
 from adala.errors import ConfigError, UnsupportedModelError
-from adala.evaluate import fidelity
+from adala.evaluation import fidelity
 from adala.stages import align_attention, align_features, finetune
 
 FAST = {"progress": False, "log_every": 1}

@@ -22,7 +22,7 @@ _API = {
     "align_features": "stages",
     "finetune": "stages",
     "evaluate": "stages",
-    "bench": "bench",
+    "bench": "benchmark",
 }
 
 __all__ = ["__version__", *_API]

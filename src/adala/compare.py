@@ -139,7 +139,7 @@ def compare(
 ) -> dict[str, Any]:
     """Run ``recipe`` once per attention kind, bench the final students together, write the table."""
     from . import load_model, load_teacher
-    from .bench import bench
+    from .benchmark import bench
     from .recipes import run_recipe
 
     say = log or (lambda _m: None)

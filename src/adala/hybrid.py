@@ -26,7 +26,7 @@ def block_errors(student: nn.Module, teacher: nn.Module, data: str = "photos:hel
                  batches: int = 4, batch_size: int = 8, seed: int = 0) -> list[float]:
     """Per-block teacher-forced attention relative error of ``student`` on held-out images."""
     from .data import build_dataset
-    from .evaluate.fidelity import fidelity
+    from .evaluation.fidelity import fidelity
 
     cfg = get_config(teacher)
     size = int(img_size or cfg.get("img_size") or 224)
@@ -82,7 +82,7 @@ def largest_k(costs: dict[str, float], num_blocks: int, speedup: float) -> int:
 
 
 def _median_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
-    from .bench.measure import interleaved
+    from .benchmark.measure import interleaved
 
     with torch.inference_mode():
         times = interleaved(fns, torch.device("cpu"), repeats, warmup=1)

@@ -380,7 +380,7 @@ def _read_metrics(d: Path) -> dict:
 
 
 def _run_stage(recipe: Recipe, stage: Stage, teacher, source_model, d: Path, resume: bool) -> dict:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .models import linearize
     from .stages import align_attention, align_features, finetune
     from .stages.common import finish

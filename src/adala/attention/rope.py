@@ -122,7 +122,7 @@ class RopeKernelAttention(KernelAttention):
 
     def flops(self, n: int) -> dict[str, int]:
         """Mixing FLOPs at ``n`` tokens (the FLOP counter's convention; RoPE, like softmax's exp, uncounted)."""
-        from ..bench.flops import linear_attention_flops, softmax_attention_flops
+        from ..benchmark.flops import linear_attention_flops, softmax_attention_flops
 
         if self.feature_map is None:
             return softmax_attention_flops(n, self.num_heads, self.head_dim)

@@ -112,7 +112,7 @@ class SamKernelAttention(KernelAttention):
         raise NotImplementedError("SAM attention mixes on its (H, W) grid: call forward")
 
     def flops(self, n: int) -> dict[str, int]:
-        from ..bench.flops import linear_attention_flops, softmax_attention_flops
+        from ..benchmark.flops import linear_attention_flops, softmax_attention_flops
 
         if self.feature_map is None:
             return softmax_attention_flops(n, self.num_heads, self.head_dim)

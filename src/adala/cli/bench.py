@@ -1,5 +1,5 @@
 """``adala bench``: teacher vs linear students, speed/memory/FLOPs per resolution (thin layer over
-``adala.bench.bench``)."""
+``adala.benchmark.bench``)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def format_table(record: dict) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..bench import bench, plot_bench, write_json
+    from ..benchmark import bench, plot_bench, write_json
     from ..errors import ConfigError
 
     if args.model and args.attention:

@@ -18,7 +18,7 @@ def default_config() -> Path:
 def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int] = (224, 448, 896),
              repeats: int = 3, memory: bool = True, pca_size: int = 896) -> Path:
     """Recipe -> bench (teacher vs the stage-2 student) -> report; returns the report path."""
-    from ..bench import bench, write_json
+    from ..benchmark import bench, write_json
     from ..recipes import run_recipe
     from ..report import write_report
 

@@ -148,7 +148,7 @@ def _table(result: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
 
     result = evaluate(args.model, task=args.task, data=args.data, img_size=args.img_size, teacher=args.teacher,
                       batch_size=args.batch_size, length=args.length, out=args.out, device=args.device or "auto")

@@ -85,7 +85,7 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
     """Write ``run/report.md`` and its PNGs from ``run/summary.json`` (+ ``run/<bench_file>``)."""
     from .. import load_model
     from ..data.photos import HELDOUT_PHOTOS, load_photo
-    from ..evaluate.fidelity import fidelity
+    from ..evaluation.fidelity import fidelity
     from ..models import load_teacher
 
     run = Path(run)

@@ -4,7 +4,7 @@ Importing this package registers the task heads (``classification``, ``segmentat
 ``adala.load_model`` needs to rebuild fine-tuned models.
 """
 
-from ..evaluate import evaluate
+from ..evaluation import evaluate
 from . import heads  # noqa: F401  (registers TASK_BUILDERS)
 from .attention import align_attention
 from .common import StageResult

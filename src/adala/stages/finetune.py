@@ -173,7 +173,7 @@ def finetune(
     """Stage 3. ``model`` is a backbone (any stage's output, or a teacher) or a task model (its backbone
     gets a new head). ``epochs`` (default per task) or ``steps``; ``eval_data`` adds test scores to the metrics.
     """
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
     from ..train.loop import train as run_training
 
     if task not in TASKS:

@@ -89,7 +89,7 @@ def stage1_objective(teacher: nn.Module, student: nn.Module) -> tuple[nn.Module,
         return AttentionAlignment(teacher, student, train="attention"), "adala.stages.attention.AttentionAlignment"
     except (ImportError, AttributeError, TypeError):
         _only_attention_trainable(student)
-        return _LocalAttentionAlignment(teacher, student), "adala.bench.train (local minimal)"
+        return _LocalAttentionAlignment(teacher, student), "adala.benchmark.train (local minimal)"
 
 
 def stage2_objective(teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, str]:
@@ -100,7 +100,7 @@ def stage2_objective(teacher: nn.Module, student: nn.Module) -> tuple[nn.Module,
 
         return FeatureAlignment(teacher, student, loss="mse"), "adala.stages.features.FeatureAlignment"
     except (ImportError, AttributeError, TypeError):
-        return _LocalFeatureAlignment(teacher, student), "adala.bench.train (local minimal)"
+        return _LocalFeatureAlignment(teacher, student), "adala.benchmark.train (local minimal)"
 
 
 def train_throughput(

@@ -156,13 +156,13 @@ def cuda_peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
 
 
 def subprocess_peak_rss(recipe: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run ``adala.bench.memchild`` on ``recipe``; returns its JSON ({"peak_bytes", "method"} or
+    """Run ``adala.benchmark.memchild`` on ``recipe``; returns its JSON ({"peak_bytes", "method"} or
     {"error"}). A failure is reported, not raised: memory is one column of the table, not the run."""
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "adala.bench.memchild"], input=json.dumps(recipe), capture_output=True,
+            [sys.executable, "-m", "adala.benchmark.memchild"], input=json.dumps(recipe), capture_output=True,
             text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired:
