@@ -135,7 +135,7 @@ def test_teacher_scores_one_and_permuted_student_scores_low(embedded_teacher):
 
     t = embedded_teacher
     ds = build_dataset("photos:heldout", task="unlabeled", img_size=112, mean=(0.485, 0.456, 0.406),
-                       std=(0.229, 0.224, 0.225))
+                       std=(0.229, 0.224, 0.225), train=False)
     x = torch.stack([ds[i] for i in range(3)])
     with torch.no_grad():
         tt = t.forward_features(x)

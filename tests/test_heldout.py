@@ -44,10 +44,13 @@ def test_wallpapers_full_resolution_and_split():
     # the largest file of each folder: real high-resolution content for 448²-1344² crops
     big = photos_mod._image_tensor(dict(held)["Path"])
     assert min(big.shape[-2:]) >= 1400
-    ds = build_dataset("heldout", task="unlabeled", img_size=448, **KW)
+    ds = build_dataset("heldout", task="unlabeled", img_size=448, **KW, train=False)
     assert len(ds) == 2 * (len(HELDOUT_PHOTOS) + len(HELDOUT_WALLPAPERS)) and ds[0].shape == (3, 448, 448)
     with pytest.raises(DataError, match="evaluation set"):
         pool_sources("heldout", False)
+    for spec in ("heldout", "photos:heldout", "wallpapers:heldout"):  # no training set is ever held out
+        with pytest.raises(DataError, match="evaluation set"):
+            build_dataset(spec, task="unlabeled", img_size=28, **KW, train=True)
 
 
 def test_missing_wallpapers_fail_in_one_line_with_the_hint(tmp_path, monkeypatch):
@@ -80,12 +83,12 @@ def test_no_training_stage_ever_reads_a_heldout_source(monkeypatch, tmp_path):
     assert not [n for n in resolved if is_heldout(n)], resolved
     # and the spy does see held-out sources when an evaluation asks for them (so the check can fail)
     seen.clear()
-    build_dataset("photos:heldout", task="unlabeled", img_size=28, **KW)[0]
+    build_dataset("photos:heldout", task="unlabeled", img_size=28, **KW, train=False)[0]
     assert any(is_heldout(names.get(s, s)) for s in seen)
 
 
 def test_heldout_views_are_fixed():
-    a = build_dataset("photos:heldout", task="unlabeled", img_size=32, **KW)
+    a = build_dataset("photos:heldout", task="unlabeled", img_size=32, **KW, train=False)
     b = build_dataset("photos", task="unlabeled", img_size=32, **KW, train=False, seed=5)
     assert len(a) == 2 * len(HELDOUT_PHOTOS)
     assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
