@@ -122,10 +122,11 @@ def test_bench_leaves_given_modules_alone():
     teacher = _tiny()
     student = adala.linearize(teacher, "linear-relu")
     before = {k: v.clone() for k, v in student.state_dict().items()}
+    flags = [p.requires_grad for p in student.parameters()]  # linearize returns a trainable model
     record = bench(teacher, {"mine": student}, resolutions=[56], repeats=1, warmup=0, memory=False,
                    train_steps=True, train_repeats=1)
     assert record["comparisons"][0]["student"] == "mine"
-    assert all(p.requires_grad is False for p in student.parameters())
+    assert [p.requires_grad for p in student.parameters()] == flags and all(flags)
     assert all((before[k] == v).all() for k, v in student.state_dict().items())
     assert not any(a._forward_hooks for a in adala.models.surgery.attention_modules(teacher))
 
