@@ -22,3 +22,12 @@ def _seed():
 @pytest.fixture(scope="session")
 def embedded_teacher():
     return adala.load_teacher("dinov2-s14")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: extra intra-op threads only add contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,13 +11,7 @@ from adala.attention import build
 from adala.attention.naive_kinds import linear_options_reference
 from adala.errors import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _attn(**options):
