@@ -36,22 +36,10 @@ def _task_head(model: nn.Module, task: str) -> dict:
     return head
 
 
-def _as_model(model):
-    from ..stages.common import as_model
-
-    return as_model(model)
-
-
-def _as_teacher(teacher):
-    from ..stages.common import as_teacher
-
-    return as_teacher(teacher)
-
-
 def _correspondence(model: nn.Module, teacher: nn.Module, data: str, img_size: int, length: int | None,
                     device: torch.device) -> dict[str, Any]:
     """Correspondence accuracy of teacher and model on the source images of a photo collection spec."""
-    from ..data.build import parse_spec
+    from ..data.build import _PHOTO_SPLITS, parse_spec
     from ..data.photos import _image_tensor, pool_sources
     from ..models.config import get_config
     from .correspondence import correspondence
@@ -60,7 +48,7 @@ def _correspondence(model: nn.Module, teacher: nn.Module, data: str, img_size: i
     if kind not in ("photos", "wallpapers", "heldout"):
         raise ConfigError(f"correspondence needs a photo collection (photos:heldout, wallpapers:heldout, heldout), "
                           f"got {data!r}")
-    sources = pool_sources(kind, kind == "heldout" or arg in ("heldout", "test", "val"))
+    sources = pool_sources(kind, kind == "heldout" or _PHOTO_SPLITS.get(arg or "train", False))
     if length is not None:
         sources = sources[:length]
     cfg = get_config(model)
@@ -98,23 +86,6 @@ def evaluate(
     ``img_size``: one size, or a list (result: ``{"by_size": {"224": {...}, ...}}``).
     ``out``: a ``.json`` file, or a directory that receives ``eval.json``.
     """
-    if isinstance(img_size, (list, tuple)):
-        if not img_size:
-            raise ConfigError("img_size: empty list of sizes")
-        kw = dict(task=task, data=data, teacher=teacher, batch_size=batch_size, length=length, device=device,
-                  num_workers=num_workers)
-        model = _as_model(model)
-        teacher_model = _as_teacher(teacher) if teacher is not None and not isinstance(teacher, nn.Module) else teacher
-        kw["teacher"] = teacher_model
-        by_size = {str(s): evaluate(model, img_size=s, **kw) for s in img_size}
-        result = {"task": task, "data": data, "img_size": list(img_size), "by_size": by_size}
-        from ..train.distributed import is_main
-
-        if out is not None and is_main():
-            from ..stages.common import write_json
-
-            write_json(_output_path(out), result)
-        return result
     from ..stages.common import (
         as_model,
         as_teacher,
@@ -129,6 +100,16 @@ def evaluate(
     )
     from ..train.distributed import is_main
 
+    if isinstance(img_size, (list, tuple)):  # load model and teacher once, then score each size
+        if not img_size:
+            raise ConfigError("img_size: empty list of sizes")
+        model, teacher = as_model(model), None if teacher is None else as_teacher(teacher)
+        by_size = {str(s): evaluate(model, task=task, data=data, img_size=s, teacher=teacher, batch_size=batch_size,
+                                    length=length, device=device, num_workers=num_workers) for s in img_size}
+        result = {"task": task, "data": data, "img_size": list(img_size), "by_size": by_size}
+        if out is not None and is_main():
+            write_json(_output_path(out), result)
+        return result
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     check_positive(batch_size, "batch_size")
