@@ -22,6 +22,11 @@ class Spec(NamedTuple):
     arg: str | None  # split for the built-ins, PATH / PATTERN for folder / wds
 
 
+def heldout_spec(spec: Spec) -> bool:
+    """Whether a photo-collection spec names held-out sources (``heldout``, ``photos:heldout``, ...)."""
+    return spec.kind == "heldout" or _PHOTO_SPLITS.get(spec.arg or "train", False)
+
+
 def parse_spec(spec: str) -> Spec:
     """Split ``name[:arg]``; only the first ':' separates, so paths and URLs keep theirs."""
     if not isinstance(spec, str) or not spec.strip():
@@ -85,9 +90,10 @@ def build_dataset(
             raise DataError(f"unknown {kind} split {chosen!r}; use train or heldout")
         from .photos import PhotosDataset
 
-        if train and (kind == "heldout" or _PHOTO_SPLITS.get(chosen, False)):
+        held = heldout_spec(Spec(kind, chosen or None))
+        if train and held:
             raise DataError(f"{spec!r} is an evaluation set of held-out photos; train on photos or wallpapers")
-        heldout = kind == "heldout" or (not train) or _PHOTO_SPLITS.get(chosen, False)
+        heldout = held or not train
         return PhotosDataset(heldout=heldout, collection=kind, **common)
     if kind == "fashion-mnist":
         if task == "segmentation":
@@ -125,7 +131,7 @@ def describe(spec: str) -> str:
     if kind in ("photos", "wallpapers", "heldout"):
         from .photos import pool_sources
 
-        held = kind == "heldout" or _PHOTO_SPLITS.get(arg or "train", False)
+        held = heldout_spec(Spec(kind, arg))
         names = [n for n, _ in pool_sources(kind, held)]
         what = {"photos": "bundled real photographs", "wallpapers": "Debian wallpapers (photographs + artwork)",
                 "heldout": "held-out real photographs"}[kind]

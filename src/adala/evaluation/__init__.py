@@ -39,16 +39,17 @@ def _task_head(model: nn.Module, task: str) -> dict:
 def _correspondence(model: nn.Module, teacher: nn.Module, data: str, img_size: int, length: int | None,
                     device: torch.device) -> dict[str, Any]:
     """Correspondence accuracy of teacher and model on the source images of a photo collection spec."""
-    from ..data.build import _PHOTO_SPLITS, parse_spec
+    from ..data.build import heldout_spec, parse_spec
     from ..data.photos import _image_tensor, pool_sources
     from ..models.config import get_config
     from .correspondence import correspondence
 
-    kind, arg = parse_spec(data)
+    spec = parse_spec(data)
+    kind = spec.kind
     if kind not in ("photos", "wallpapers", "heldout"):
         raise ConfigError(f"correspondence needs a photo collection (photos:heldout, wallpapers:heldout, heldout), "
                           f"got {data!r}")
-    sources = pool_sources(kind, kind == "heldout" or _PHOTO_SPLITS.get(arg or "train", False))
+    sources = pool_sources(kind, heldout_spec(spec))
     if length is not None:
         sources = sources[:length]
     cfg = get_config(model)
