@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Fashion-MNIST and the high-resolution wallpapers come from Debian (offline-friendly); only root can apt-get,
+# Fashion-MNIST, the high-resolution wallpapers and desktop-background photographs come from Debian
+# (offline-friendly); only root can apt-get,
 # others get a one-line hint at use time.
-DEBIAN_DATA := dataset-fashion-mnist plasma-workspace-wallpapers
+DEBIAN_DATA := dataset-fashion-mnist plasma-workspace-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 \
+	mate-backgrounds
 data:
-	@if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/wallpapers/Path ]; } \
+	@if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/wallpapers/Path ] \
+		|| [ ! -d /usr/share/backgrounds/mate/nature ] || [ ! -f /usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg ]; } \
 		&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get install -y -q $(DEBIAN_DATA) || (apt-get update -q && apt-get install -y -q $(DEBIAN_DATA)); \
 	fi

@@ -10,7 +10,7 @@ import torch
 from ..errors import DataError
 from .base import TASKS
 
-SPEC_FORMS = ("photos[:train|:heldout], wallpapers[:train|:heldout], heldout, digits[:train|:test], "
+SPEC_FORMS = ("photos[:train|:heldout], wallpapers[:train|:heldout], backgrounds, heldout, digits[:train|:test], "
               "fashion-mnist[:train|:test], "
               "fashion-mnist-seg[-large][:train|:test], folder:PATH, wds:PATTERN")
 LARGE_SEG_GRID = 8  # fashion-mnist-seg-large: 8x8 cells of 28 px (224² canvases, 16-32 items)
@@ -18,7 +18,7 @@ _PHOTO_SPLITS = {"train": False, "heldout": True, "test": True, "val": True}
 
 
 class Spec(NamedTuple):
-    kind: str  # photos | wallpapers | heldout | fashion-mnist | fashion-mnist-seg | folder | wds
+    kind: str  # photos | wallpapers | backgrounds | heldout | fashion-mnist | fashion-mnist-seg | folder | wds
     arg: str | None  # split for the built-ins, PATH / PATTERN for folder / wds
 
 
@@ -39,6 +39,8 @@ def parse_spec(spec: str) -> Spec:
             raise DataError(f"{kind}: needs a {what} (e.g. {kind}:/data/x)")
         return Spec(kind, arg.strip())
     if kind in ("photos", "wallpapers") and (not sep or arg.lower() in _PHOTO_SPLITS):
+        return Spec(kind, arg.lower() or None)
+    if kind == "backgrounds" and (not sep or arg.lower() == "train"):
         return Spec(kind, arg.lower() or None)
     if kind == "heldout" and not sep:
         return Spec(kind, "heldout")
@@ -82,7 +84,7 @@ def build_dataset(
     mean_t, std_t = _check_args(task, img_size, mean, std)
     kind, arg = parse_spec(spec)
     common = dict(img_size=img_size, mean=mean_t, std=std_t, seed=seed, length=length)
-    if kind in ("photos", "wallpapers", "heldout"):
+    if kind in ("photos", "wallpapers", "backgrounds", "heldout"):
         if task != "unlabeled":
             raise DataError(f"{kind} has no labels; use task='unlabeled' (got {task!r})")
         chosen = (arg or split or "").lower()
@@ -128,12 +130,13 @@ def build_dataset(
 def describe(spec: str) -> str:
     """One cheap line about what ``spec`` points at (no image decoding)."""
     kind, arg = parse_spec(spec)
-    if kind in ("photos", "wallpapers", "heldout"):
+    if kind in ("photos", "wallpapers", "backgrounds", "heldout"):
         from .photos import pool_sources
 
         held = heldout_spec(Spec(kind, arg))
         names = [n for n, _ in pool_sources(kind, held)]
         what = {"photos": "bundled real photographs", "wallpapers": "Debian wallpapers (photographs + artwork)",
+                "backgrounds": "Debian desktop-background photographs",
                 "heldout": "held-out real photographs"}[kind]
         return f"{kind}: {len(names)} {what}, {'held-out' if held else 'train'} split ({', '.join(names)})"
     if kind == "digits":

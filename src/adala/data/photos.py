@@ -54,7 +54,7 @@ HELDOUT_WALLPAPERS = ("ColdRipple", "EveningGlow", "FallenLeaf", "Kite", "Path")
 # high-resolution content, while memory stays ~0.4 GB for every image of the pool.
 _MAX_SHORT_SIDE = 1600
 HELDOUT_VIEWS = 2
-COLLECTIONS = ("photos", "wallpapers", "heldout")
+COLLECTIONS = ("photos", "wallpapers", "backgrounds", "heldout")
 
 
 def _package_dir(package: str) -> Path | None:
@@ -99,6 +99,7 @@ def pool_sources(collection: str, heldout: bool) -> list[tuple[str, Path]]:
     """(name, file) of every image in ``collection``'s split, in a fixed order.
 
     ``photos``: the package photographs; ``wallpapers``: Debian's wallpapers (photographs and artwork);
+    ``backgrounds`` (train split only): 28 photographs from Debian's desktop-background packages;
     ``heldout`` (held-out split only): the held-out photographs of both. Train splits never contain a held-out
     source, whatever the crop, so a held-out number is always on unseen images.
     """
@@ -113,6 +114,12 @@ def pool_sources(collection: str, heldout: bool) -> list[tuple[str, Path]]:
         if not names:
             raise DataError("no bundled photos found: install scikit-image, scikit-learn or matplotlib")
         return [(n, _photo_path(n)) for n in names]  # type: ignore[misc]
+    if collection == "backgrounds":
+        if heldout:
+            raise DataError("backgrounds is train-only; the held-out photographs are 'heldout'")
+        from .backgrounds import background_files
+
+        return list(background_files().items())
     from .wallpapers import wallpaper_files
 
     files = wallpaper_files()
@@ -170,7 +177,7 @@ class PhotosDataset(SeededDataset):
         self.collection = collection
         self.heldout = heldout
         n = len(self.sources)
-        scale = scale or ((0.05, 1.0) if collection == "wallpapers" else (0.1, 1.0))
+        scale = scale or ((0.05, 1.0) if collection in ("wallpapers", "backgrounds") else (0.1, 1.0))
         transform = ImageTransform(img_size, mean, std, train=not heldout, scale=scale)
         source_len = n * HELDOUT_VIEWS if heldout else n
         if length is None and not heldout:
