@@ -6,6 +6,13 @@ quality at a cost that grows with the number of softmax blocks. ``blocks_for_bud
 fit a speed-up target: it times one softmax and one linear attention at the target resolution, predicts
 the whole model as ``non-attention + k * t_softmax + (n - k) * t_linear``, and confirms the chosen k
 with one real measurement, stepping down while it misses.
+
+The candidates are the blocks the student linearized (``candidate_blocks``): every block for a ViT or Eva
+student, SAM's global blocks for a default SAM student (its windowed blocks were never linearized, so
+"keeping" them softmax would cost nothing and change nothing). Timings replay what each candidate's
+attention really receives in the teacher at that resolution (SAM's windows or full grid, Eva's ``rope``),
+once per distinct input shape, so a SAM student linearized in all blocks prices windowed and global
+blocks apart.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models.config import get_config
+from .models.families import family_of
 from .models.surgery import attention_modules, backbone_of, block_kinds, linearize_blocks
 
 
@@ -42,12 +50,20 @@ def block_errors(student: nn.Module, teacher: nn.Module, data: str = "photos:hel
         student.train(was)
 
 
-def choose_softmax_blocks(errors: Sequence[float], k: int) -> list[int]:
-    """Indices of the ``k`` largest errors, in block order."""
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= len(errors):
-        n = len(errors)
-        raise ConfigError(f"--keep-softmax {k!r} is out of range: the model has {n} blocks (0..{n})")
-    worst = sorted(range(len(errors)), key=lambda i: (-errors[i], i))[:k]
+def candidate_blocks(student: nn.Module) -> list[int]:
+    """Blocks a hybrid may switch back to softmax: the ones ``student`` linearized (for SAM by default its
+    global blocks: ``linearize`` follows the family's ``default_blocks``)."""
+    return [i for i, k in enumerate(block_kinds(student)) if k != "softmax"]
+
+
+def choose_softmax_blocks(errors: Sequence[float], k: int, candidates: Sequence[int] | None = None) -> list[int]:
+    """Indices of the ``k`` largest errors among ``candidates`` (default: every block), in block order."""
+    pool = list(range(len(errors))) if candidates is None else list(candidates)
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= len(pool):
+        n = len(pool)
+        what = "blocks" if candidates is None else "linearized blocks"
+        raise ConfigError(f"--keep-softmax {k!r} is out of range: the model has {n} {what} (0..{n})")
+    worst = sorted(pool, key=lambda i: (-errors[i], i))[:k]
     return sorted(worst)
 
 
@@ -89,19 +105,63 @@ def _median_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]
     return [statistics.median(t) for t in times]
 
 
-def measure_costs(student: nn.Module, teacher: nn.Module, resolution: int, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of the teacher forward and of one softmax vs one linear attention at ``resolution``."""
+def _attention_inputs(vit: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """What each block's attention receives when ``vit`` runs on ``x``: (input, keyword arguments)."""
+    seen: list[tuple[torch.Tensor, dict[str, Any]] | None] = [None] * len(attention_modules(vit))
+
+    def hook(i: int):
+        def record(_mod, args, kwargs):
+            seen[i] = (args[0], dict(kwargs))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(attention_modules(vit))]
+    try:
+        with torch.inference_mode():
+            vit.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def measure_costs(student: nn.Module, teacher: nn.Module, resolution: int, repeats: int = 5) -> dict[str, Any]:
+    """Median seconds of the teacher forward and of softmax vs linear attention at ``resolution``.
+
+    ``softmax``/``linear``: the first candidate block's; ``per_block``: each candidate's (blocks whose
+    attention input has the same shape share one measurement), which :func:`budget_plan` predicts from.
+    """
     t_vit, s_vit = backbone_of(teacher), backbone_of(student)
     x = torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
-    tokens = t_vit.num_prefix_tokens + (resolution // t_vit.patch_embed.patch_size[0]) ** 2
-    h = torch.randn(1, tokens, t_vit.embed_dim, generator=torch.Generator().manual_seed(1))
-    t_attn = attention_modules(t_vit)[0]
+    inputs = _attention_inputs(t_vit, x)
+    t_mods, s_mods = attention_modules(t_vit), attention_modules(s_vit)
     kinds = block_kinds(s_vit)
-    lin = [i for i, k in enumerate(kinds) if k != "softmax"]
-    s_attn = attention_modules(s_vit)[lin[0] if lin else 0]
-    total, soft, linear = _median_times(
-        [lambda: t_vit.forward_features(x), lambda: t_attn(h), lambda: s_attn(h)], repeats)
-    return {"teacher": total, "softmax": soft, "linear": linear}
+    cand = candidate_blocks(s_vit)
+    rep: dict[tuple, int] = {}  # (input shape, student kind) -> the block timed for it
+    for i in cand or [0]:
+        rep.setdefault((tuple(inputs[i][0].shape), kinds[i]), i)
+    fns: list[Callable[[], Any]] = [lambda: t_vit.forward_features(x)]
+    for i in rep.values():
+        h, kw = inputs[i]
+        fns += [lambda i=i, h=h, kw=kw: t_mods[i](h, **kw), lambda i=i, h=h, kw=kw: s_mods[i](h, **kw)]
+    times = _median_times(fns, repeats)
+    by_rep = {i: (times[1 + 2 * j], times[2 + 2 * j]) for j, i in enumerate(rep.values())}
+    of = {i: rep[(tuple(inputs[i][0].shape), kinds[i])] for i in cand}
+    first = by_rep[of[cand[0]] if cand else 0]
+    return {"teacher": times[0], "softmax": first[0], "linear": first[1], "blocks": cand,
+            "per_block": {"softmax": [by_rep[of[i]][0] for i in cand], "linear": [by_rep[of[i]][1] for i in cand]}}
+
+
+def predicted_speedup(costs: dict[str, Any], candidates: Sequence[int], softmax_blocks: Sequence[int]) -> float:
+    """:func:`predict_speedup` for a chosen set: per-block costs when ``costs`` has them, else the scalars."""
+    per = costs.get("per_block")
+    if not per or len(per["softmax"]) != len(candidates):
+        return predict_speedup(costs, len(candidates), len(softmax_blocks))
+    keep = set(softmax_blocks)
+    soft, lin = per["softmax"], per["linear"]
+    rest = costs["teacher"] - sum(soft)
+    hybrid = rest + sum(soft[j] if i in keep else lin[j] for j, i in enumerate(candidates))
+    return costs["teacher"] / max(hybrid, 1e-12)
 
 
 def measured_speedup(hybrid: nn.Module, teacher: nn.Module, resolution: int, repeats: int = 5) -> float:
@@ -112,37 +172,42 @@ def measured_speedup(hybrid: nn.Module, teacher: nn.Module, resolution: int, rep
 
 
 def budget_plan(student: nn.Module, teacher: nn.Module, errors: Sequence[float], speedup: float, resolution: int,
-                *, repeats: int = 5, costs: dict[str, float] | None = None,
+                *, repeats: int = 5, costs: dict[str, Any] | None = None,
                 measure: Callable[[list[int]], float] | None = None) -> dict[str, Any]:
-    """Choose the softmax blocks for a speed-up target; returns the blocks and how they were chosen.
+    """Choose the softmax blocks (among :func:`candidate_blocks`) for a speed-up target; returns the blocks and
+    how they were chosen.
 
-    ``costs`` (see :func:`predict_speedup`) and ``measure`` (blocks -> measured speed-up) replace the
-    real timings when given (tests, or a caller that measured already).
+    ``costs`` (see :func:`measure_costs`, :func:`predict_speedup`) and ``measure`` (blocks -> measured
+    speed-up) replace the real timings when given (tests, or a caller that measured already).
     """
     if not speedup > 0:
         raise ConfigError(f"--speed-budget must be a positive speed-up, got {speedup!r}")
-    patch = backbone_of(student).patch_embed.patch_size[0]
+    vit = backbone_of(student)
+    patch = family_of(vit).patch_size(vit)
     if resolution <= 0 or resolution % patch:
         raise ConfigError(f"--speed-budget resolution {resolution} is not a multiple of the patch size {patch}")
     n = len(errors)
     if len(attention_modules(student)) != n:
         raise ConfigError(f"{n} block errors given for a {len(attention_modules(student))}-block student")
+    cand = candidate_blocks(student)
     costs = costs or measure_costs(student, teacher, resolution, repeats)
     if measure is None:
         def measure(blocks: list[int]) -> float:
             return measured_speedup(make_hybrid(student, blocks).eval(), teacher, resolution, repeats)
-    k = largest_k(costs, n, speedup)
-    predicted = predict_speedup(costs, n, k)
+    fits = [k for k in range(len(cand) + 1)
+            if predicted_speedup(costs, cand, choose_softmax_blocks(errors, k, cand)) >= speedup]
+    k = max(fits) if fits else 0
+    predicted = predicted_speedup(costs, cand, choose_softmax_blocks(errors, k, cand))
     tried = []
     while True:
-        blocks = choose_softmax_blocks(errors, k)
+        blocks = choose_softmax_blocks(errors, k, cand)
         got = float(measure(blocks))
         tried.append({"k": k, "blocks": blocks, "measured_speedup": got})
         if got >= speedup or k == 0:
             break
         k -= 1
     return {"blocks": blocks, "k": k, "target_speedup": speedup, "resolution": resolution,
-            "predicted_speedup": predicted, "measured_speedup": got, "met": got >= speedup,
+            "candidates": cand, "predicted_speedup": predicted, "measured_speedup": got, "met": got >= speedup,
             "costs_s": costs, "tried": tried}
 
 

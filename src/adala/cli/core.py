@@ -100,7 +100,7 @@ def _linearize(args: argparse.Namespace) -> int:
                     print(f"warning: even the fully linear student measured {plan['measured_speedup']:.2f}x "
                           f"< {speed}x at {res}px")
             else:
-                keep_blocks = hybrid.choose_softmax_blocks(errors, count)
+                keep_blocks = hybrid.choose_softmax_blocks(errors, count, hybrid.candidate_blocks(student))
         info["softmax_blocks"] = keep_blocks
         student = hybrid.make_hybrid(student, keep_blocks)
         extra = {"hybrid": info}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import normalize
+from ..models.families import family_of
 from ..models.surgery import backbone_of
 
 ZOOM = 0.7
@@ -60,15 +61,17 @@ def match_accuracy(feat_a: torch.Tensor, feat_b: torch.Tensor, grid: int, geom: 
 
 @torch.no_grad()
 def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, h·w, C) features on the patch grid, row-major (the family's dense features: SAM's neck too)."""
     vit = backbone_of(model)
-    return vit.forward_features(x)[:, int(getattr(vit, "num_prefix_tokens", 0)):]
+    return family_of(vit).dense_features(vit, x).flatten(2).transpose(1, 2)
 
 
 @torch.no_grad()
 def correspondence(models: dict[str, nn.Module], images: Sequence[torch.Tensor], img_size: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> dict:
     """Matching accuracy of each named model over ``images`` (uint8 (3,H,W)) at ``img_size``."""
-    patch = int(backbone_of(next(iter(models.values()))).patch_embed.patch_size[0])
+    first = backbone_of(next(iter(models.values())))
+    patch = family_of(first).patch_size(first)
     grid = img_size // patch
     counts = {name: [0, 0] for name in models}
     for img in images:

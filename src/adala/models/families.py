@@ -4,8 +4,8 @@ timm architecture, behind one small interface, so adding a family is one ``famil
 Everything architecture-specific the rest of adala touches goes through a :class:`Family`: which module is
 the backbone, its blocks and their softmax attentions, how a linear kind is built from one of them, how a
 block's attention input is formed from the block's input (stage 1 with ``train="all"``), the final tokens
-stage 2 aligns, the token layout the FLOP counter needs and the kwargs a teacher is built with. Stage code
-never branches on the architecture.
+stage 2 aligns, the pooled and grid features stage 3's heads read, the token layout the FLOP counter needs
+and the kwargs a teacher is built with. Stage code never branches on the architecture.
 """
 
 from __future__ import annotations
@@ -80,6 +80,38 @@ class Family:
     def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) final tokens that stage 2 aligns and evaluation compares."""
         return backbone.forward_features(x)
+
+    # ---------------------------------------------------------------- task heads (stage 3)
+    def feature_dim(self, backbone: nn.Module) -> int:
+        """Channels per position of :meth:`dense_features` (one level) and per pooled part."""
+        return self.embed_dim(backbone)
+
+    def pools(self, backbone: nn.Module) -> tuple[str, ...]:
+        """Pooled-feature choices for a classification head, the default first: CLS needs a CLS token."""
+        return ("cls+mean", "cls", "mean") if getattr(backbone, "cls_token", None) is not None else ("mean",)
+
+    def pooled_dim(self, backbone: nn.Module, pool: str) -> int:
+        return self.feature_dim(backbone) * (2 if pool == "cls+mean" else 1)
+
+    def pooled_features(self, backbone: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
+        """(B, pooled_dim) from the final tokens: CLS, mean of patch tokens (registers excluded), or both."""
+        tokens = backbone.forward_features(x)
+        if pool == "cls":
+            return tokens[:, 0]
+        patches = tokens[:, self.num_prefix_tokens(backbone):].mean(1)
+        return patches if pool == "mean" else torch.cat([tokens[:, 0], patches], dim=-1)
+
+    def dense_features(self, backbone: nn.Module, x: torch.Tensor, levels: int = 1) -> torch.Tensor:
+        """(B, feature_dim·levels, h, w) on the patch grid: the final patch tokens (prefix tokens dropped), or the
+        last ``levels`` blocks' normed outputs concatenated (DINOv2's multi-level linear head)."""
+        if levels > 1:
+            maps = backbone.forward_intermediates(x, indices=levels, norm=True, output_fmt="NCHW",
+                                                 intermediates_only=True)
+            return torch.cat(maps, dim=1)
+        tokens = backbone.forward_features(x)[:, self.num_prefix_tokens(backbone):]
+        p = self.patch_size(backbone)
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
     # ---------------------------------------------------------------- FLOPs
     def tokens(self, backbone: nn.Module, img_size: int) -> int:

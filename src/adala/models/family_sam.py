@@ -4,7 +4,8 @@ Most blocks attend within 14×14 windows (196 tokens, cost linear in the image a
 (``global_attn_indexes``) attend over the whole 64×64 grid: N² = 16.8 M pairs at 1024², where linear attention
 pays. So ``linearize`` swaps the global blocks by default (``blocks="global"``) and the windowed ones on
 request (``blocks="all"``). Blocks take and return (B, H, W, C); a windowed block's attention sees
-(B·windows, ws, ws, C) after ``window_partition``. Stage 2 aligns the neck's output as (B, H·W, C) tokens.
+(B·windows, ws, ws, C) after ``window_partition``. Stage 2 aligns the neck's output as (B, H·W, C) tokens;
+stage 3's heads read the neck's grid (segmentation) or its mean (classification: there is no CLS token).
 Relative position bias: see :mod:`adala.attention.sam` (``rel_pos="approx"`` or ``"drop"``).
 """
 
@@ -55,6 +56,23 @@ class SamFamily(Family):
 
     def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return backbone.forward_features(x).flatten(2).transpose(1, 2)  # neck (B, C, H, W) -> (B, H·W, C)
+
+    def feature_dim(self, backbone: nn.Module) -> int:
+        convs = [m for m in backbone.neck.modules() if isinstance(m, nn.Conv2d)]
+        return int(convs[-1].out_channels) if convs else self.embed_dim(backbone)
+
+    def pools(self, backbone: nn.Module) -> tuple[str, ...]:
+        return ("mean",)  # no CLS token: the neck's grid, averaged
+
+    def pooled_features(self, backbone: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
+        return backbone.forward_features(x).mean((2, 3))
+
+    def dense_features(self, backbone: nn.Module, x: torch.Tensor, levels: int = 1) -> torch.Tensor:
+        """The neck's (B, C, H/16, W/16) output; with ``levels`` > 1 timm runs the neck on each of the last
+        blocks' outputs (its ``norm=True``: the neck holds SAM's only norms), so every level has the neck's C."""
+        if levels > 1:
+            return super().dense_features(backbone, x, levels)
+        return backbone.forward_features(x)
 
     def attention_groups(self, backbone: nn.Module, index: int, img_size: int) -> tuple[int, int]:
         p = backbone.patch_embed.patch_size

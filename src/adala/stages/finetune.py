@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..models.config import get_config, set_config
+from ..models.families import family_of
 from ..models.surgery import backbone_of
 from .common import (
     StageResult,
@@ -119,7 +120,8 @@ def _labels(ds, data: str) -> tuple[int, list[str]]:
 
 
 def _cache_bytes(model: nn.Module, n: int, img_size: int, task_type: str) -> int:
-    p = backbone_of(model).patch_embed.patch_size[0]
+    vit = backbone_of(model)
+    p = family_of(vit).patch_size(vit)
     if task_type == "segmentation":
         grid = (img_size // p) ** 2
         return n * (model.feature_dim * grid * 4 + img_size * img_size)

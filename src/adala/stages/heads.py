@@ -1,6 +1,6 @@
 """Task wrappers (backbone + head) for stage 3, registered in ``TASK_BUILDERS`` so ``load_model`` rebuilds them.
 
-Both wrappers expose ``.backbone`` (the timm ViT; ``backbone_of`` finds it) and split into ``features(x)``
+Both wrappers expose ``.backbone`` (the timm model; ``backbone_of`` finds it) and split into ``features(x)``
 (backbone side) and ``head(features)``: a frozen-backbone fine-tune can then cache features once and train
 the very head module that is saved. Heads standardise their input with fixed buffers (per-feature mean/std
 measured on the training features of a frozen backbone; identity otherwise), which is what makes a
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.config import TASK_BUILDERS, get_config, set_config
+from ..models.families import family_of
 from ..models.surgery import backbone_of
 
 CLASSIFICATION_HEADS = ("linear", "mlp")
@@ -70,27 +71,23 @@ class ClassificationHead(nn.Module):
 
 
 class ClassificationModel(nn.Module):
-    """Logits from pooled tokens: CLS concatenated with the mean of patch tokens (mean only without CLS)."""
+    """Logits from pooled features: CLS concatenated with the mean of patch tokens (mean only without CLS, e.g.
+    SAM's neck grid); what pooling means for an architecture is its family's (``Family.pooled_features``)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, head: str = "linear", pool: str | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         vit = backbone_of(backbone)
-        self.pool = pool or ("cls+mean" if getattr(vit, "cls_token", None) is not None else "mean")
-        if self.pool not in ("cls+mean", "cls", "mean"):
-            raise ConfigError(f"pool must be cls+mean, cls or mean, got {self.pool!r}")
-        self.feature_dim = vit.embed_dim * (2 if self.pool == "cls+mean" else 1)
+        fam = family_of(vit)
+        pools = fam.pools(vit)
+        self.pool = pool or pools[0]
+        if self.pool not in pools:
+            raise ConfigError(f"pool must be one of {', '.join(pools)} for this {fam.name} model, got {self.pool!r}")
+        self.feature_dim = fam.pooled_dim(vit, self.pool)
         self.head = ClassificationHead(self.feature_dim, num_classes, head)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.backbone
-        tokens = vit.forward_features(x)
-        patches = tokens[:, vit.num_prefix_tokens:].mean(1)
-        if self.pool == "mean":
-            return patches
-        if self.pool == "cls":
-            return tokens[:, 0]
-        return torch.cat([tokens[:, 0], patches], dim=-1)
+        return family_of(self.backbone).pooled_features(self.backbone, x, self.pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -114,10 +111,10 @@ class SegmentationHead(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Per-pixel logits: patch tokens reshaped to their grid, a 1x1 conv, bilinear upsampling to the image.
+    """Per-pixel logits: grid features, a 1x1 conv, bilinear upsampling to the image.
 
-    ``linear`` uses the last layer's (normed) patch tokens; ``linear4`` concatenates the last four blocks'
-    outputs (DINOv2's multi-level linear head).
+    ``linear`` uses the last layer's (normed) patch tokens reshaped to their grid (SAM: the neck's output);
+    ``linear4`` concatenates the last four blocks' outputs (DINOv2's multi-level linear head).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, head: str = "linear") -> None:
@@ -126,20 +123,13 @@ class SegmentationModel(nn.Module):
             raise ConfigError(f"segmentation head must be one of {', '.join(SEGMENTATION_HEADS)}, got {head!r}")
         self.backbone = backbone
         vit = backbone_of(backbone)
-        self.levels = 1 if head == "linear" else min(4, len(vit.blocks))
-        self.feature_dim = vit.embed_dim * self.levels
+        self.levels = 1 if head == "linear" else min(4, len(family_of(vit).blocks(vit)))
+        self.feature_dim = family_of(vit).feature_dim(vit) * self.levels
         self.head = SegmentationHead(self.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.backbone
-        if self.levels > 1:
-            maps = vit.forward_intermediates(x, indices=self.levels, norm=True, output_fmt="NCHW",
-                                             intermediates_only=True)
-            return torch.cat(maps, dim=1)
-        tokens = vit.forward_features(x)[:, vit.num_prefix_tokens:]
-        p = vit.patch_embed.patch_size
-        h, w = x.shape[-2] // p[0], x.shape[-1] // p[1]
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        """(B, feature_dim, h, w) grid features (``Family.dense_features``: patch tokens, or SAM's neck)."""
+        return family_of(self.backbone).dense_features(self.backbone, x, self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x), size=tuple(x.shape[-2:]))
