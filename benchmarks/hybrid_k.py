@@ -21,7 +21,7 @@ from pathlib import Path
 
 import adala
 from adala.benchmark import bench
-from adala.hybrid import block_errors, choose_softmax_blocks, make_hybrid
+from adala.hybrid import block_errors, candidate_blocks, choose_softmax_blocks, make_hybrid
 from adala.recipes import load_recipe
 from adala.stages import align_features, finetune
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = block_errors(student, teacher, img_size=recipe.img_size)
     rows, models = [], {}
     for k in (int(x) for x in args.ks.split(",")):
-        blocks = choose_softmax_blocks(errors, k)
+        blocks = choose_softmax_blocks(errors, k, candidate_blocks(student))
         hybrid = make_hybrid(student, blocks)
         if args.after == "stage1":
             hybrid = align_features(teacher, hybrid, out=out / f"k{k}-stage2", **stage2.options).model
