@@ -82,7 +82,7 @@ def test_adamw_groups_skip_decay_for_biases_norms_and_frozen_params():
 
 
 @pytest.mark.parametrize("bad", [dict(amp="fp8"), dict(steps=0), dict(device="tpu"), dict(grad_clip=-1.0),
-                                 dict(min_lr_ratio=2.0), dict(accum_steps=0), dict(keep=0)])
+                                 dict(min_lr_ratio=2.0), dict(accum_steps=0), dict(keep=0), dict(ema=1.0)])
 def test_invalid_config_is_a_config_error(tmp_path, bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         train(build(), SyntheticData(), config(**bad), tmp_path, stage="t")
@@ -388,3 +388,35 @@ def test_objective_without_student_or_trainable_params_is_rejected(tmp_path):
     frozen.student.requires_grad_(False)
     with pytest.raises(ConfigError, match="nothing to train"):
         train(frozen, SyntheticData(), config(), tmp_path, stage="t")
+
+
+# --- weight averaging -------------------------------------------------------------------------------------
+
+def test_ema_is_the_warmed_up_average_of_the_trajectory_and_resumes_exactly(tmp_path):
+    """The EMA run trains exactly as the plain run (same live weights), and its result is the average computed
+    by hand from the plain run's per-step weights; a crash + resume gives the same average and the same
+    live trajectory; the checkpoint's student is the average."""
+    decay, steps = 0.8, 8
+    plain_cfg = config(steps=steps, ckpt_every=1, keep=steps)
+    plain = build()
+    start = weights(plain.student)
+    train(plain, SyntheticData(), plain_cfg, tmp_path / "plain", stage="t")
+    expected = {k: v.clone() for k, v in start.items()}
+    for s in range(1, steps + 1):
+        live = ckpt_mod.load_checkpoint(tmp_path / "plain" / "checkpoints" / f"step-{s:07d}").student
+        d = min(decay, (1 + s) / (10 + s))
+        expected = {k: d * expected[k] + (1 - d) * live[k] for k in expected}
+    cfg = config(steps=steps, ckpt_every=2, ema=decay)
+    avg = build()
+    train(avg, SyntheticData(), cfg, tmp_path / "ema", stage="t")
+    got = weights(avg.student)
+    assert not torch.allclose(got["0.weight"], weights(plain.student)["0.weight"])  # the average, not the last
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    last = ckpt_mod.load_checkpoint(tmp_path / "ema" / "checkpoints" / f"step-{steps:07d}")
+    assert_same({k: v for k, v in last.student.items()}, got)
+    resumed, _ = crash_then_resume(tmp_path / "crash", crash_at=6, cfg=cfg)  # dies inside step 6, resumes at 4
+    assert_same(weights(resumed.student), got)
+    with pytest.raises(CheckpointError, match="ema 0.8 -> 0.5"):
+        train(build(), SyntheticData(), TrainConfig(**{**cfg.__dict__, "resume": True, "ema": 0.5}),
+              tmp_path / "crash", stage="t")

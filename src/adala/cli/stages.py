@@ -10,7 +10,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict:
     """The TrainConfig options given on the command line (unset ones keep the engine's defaults)."""
     out = {"seed": args.seed, "resume": args.resume, "progress": not args.quiet}
     for name in ("warmup_steps", "weight_decay", "accum_steps", "amp", "device", "ckpt_every", "num_workers",
-                 "log_every", "grad_clip", "keep"):
+                 "log_every", "grad_clip", "keep", "ema"):
         value = getattr(args, name, None)
         if value is not None:
             out[name] = value
@@ -35,6 +35,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=None,
                    help="checkpoint every N steps (default 0: only at the end)")
     g.add_argument("--keep", type=int, default=None, help="checkpoints kept (default 2)")
+    g.add_argument("--ema", type=float, default=None,
+                   help="average the trained weights with this EMA decay, e.g. 0.99; the result and every "
+                        "checkpoint's student are the average (default 0: off)")
     g.add_argument("--num-workers", dest="num_workers", type=int, default=None,
                    help="data-loader worker processes (default 0: load in the main process)")
     g.add_argument("--log-every", dest="log_every", type=int, default=None,

@@ -40,8 +40,9 @@ _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 # TrainConfig fields that change the trajectory; the others (logging, workers, device...) may differ on resume.
 TRAJECTORY_FIELDS = (
     "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "accum_steps",
-    "amp", "seed",
+    "amp", "seed", "ema",
 )
+TRAJECTORY_DEFAULTS = {"ema": 0.0}  # fields added later: what a checkpoint written before them implicitly used
 
 
 def step_name(step: int) -> str:
@@ -286,6 +287,7 @@ def check_compatible(saved: dict, expected: dict, path: Path) -> None:
         if saved.get(key) != expected[key]:
             raise CheckpointError(f"{where}: the {label} differs from the checkpoint's; {hint}")
     old, new = saved.get("config", {}), expected["config"]
-    changed = [f"{f} {old.get(f)!r} -> {new[f]!r}" for f in TRAJECTORY_FIELDS if old.get(f) != new[f]]
+    changed = [f"{f} {old.get(f, TRAJECTORY_DEFAULTS.get(f))!r} -> {new[f]!r}" for f in TRAJECTORY_FIELDS
+               if old.get(f, TRAJECTORY_DEFAULTS.get(f)) != new[f]]
     if changed:
         raise CheckpointError(f"{where}: the training config differs ({', '.join(changed)}); {hint}")

@@ -62,12 +62,15 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"            # auto | cpu | cuda
     progress: bool = True           # tqdm bar on rank 0
+    ema: float = 0.0                # EMA decay of the trained weights (0 = off); the result is the average
 
     def validate(self) -> None:
         positive = ("steps", "batch_size", "accum_steps", "log_every", "keep")
         bad = [f"{f}={getattr(self, f)}" for f in positive if int(getattr(self, f)) < 1]
         bad += [f"{f}={getattr(self, f)}" for f in ("warmup_steps", "ckpt_every", "num_workers", "lr",
                                                     "weight_decay") if getattr(self, f) < 0]
+        if not 0.0 <= self.ema < 1.0:
+            bad.append(f"ema={self.ema} (a decay in [0, 1); 0 = off)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             bad.append(f"min_lr_ratio={self.min_lr_ratio} (must be in [0, 1])")
         if self.grad_clip is not None and not self.grad_clip >= 0:
@@ -166,7 +169,7 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         BatchStream(dataset, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank(), world_size=world,
                     num_workers=cfg.num_workers, collate_fn=collate_fn, pin_memory=device.type == "cuda"),
-        device,
+        device, ema=cfg.ema,
     )
     record = run.record(cfg, stage, dataset)
 
@@ -179,6 +182,7 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
                               "continue that run with --resume (resume=True in Python), or use another --out")
     if loaded is not None and finished and int(loaded.state["step"]) >= cfg.steps:
         start = run.restore(loaded)
+        run.use_ema()
         history = [{k: v for k, v in r.items() if k != "time"} for r in read_log(out_dir)
                    if "event" not in r and r.get("step", math.inf) <= start]
         return TrainResult(steps=start, history=history, final={}, wall_time_s=time.perf_counter() - t_start,
@@ -256,6 +260,7 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
                 raise fail(f"gradient of {_first_nonfinite_grad(named)}")
             run.scaler.step(optimizer)  # with fp16, skips the update when grads overflowed
             run.scaler.update()
+            run.update_ema(step + 1)
             lr = run.scheduler.get_last_lr()[0]
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" after a skipped step
                 warnings.simplefilter("ignore", UserWarning)
@@ -276,6 +281,7 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
                 last_ckpt = f"step-{step:07d}"
                 log_event(out_dir, {"event": "checkpoint", "step": step})
         dist.barrier()  # every rank's late skips are in the sinks before rank 0 lists them
+        run.use_ema()  # the stage's result is the averaged model, as the last checkpoint's student already is
     finally:
         bar.close()
         if tb is not None:
