@@ -35,8 +35,8 @@ def heldout(size: int, n: int = 4) -> torch.Tensor:
 
 def stage_losses(teacher, student, x) -> tuple[float, float]:
     """Stage 1's and stage 2's objectives on one fixed batch (per-step training losses see other batches)."""
-    from adala.stages.attention import AttentionAlignment
-    from adala.stages.features import FeatureAlignment
+    from adala.stages.align_attention import AttentionAlignment
+    from adala.stages.align_features import FeatureAlignment
 
     s1 = AttentionAlignment(teacher, student)
     with torch.no_grad():

@@ -17,8 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import check_positive
+from ..data.build import heldout_spec, parse_spec
+from ..data.model_datasets import dataset
+from ..data.photos import _image_tensor, pool_sources
 from ..errors import ConfigError
+from ..files import write_json
+from ..models.config import get_config
+from ..models.resolve import as_model, as_teacher, check_img_size, check_pair
 from ..models.surgery import attention_modules
+from ..train.devices import check_fits, pick_device
+from ..train.distributed import is_main
+from ..train.sampler import eval_batches
+from .correspondence import correspondence
 from .fidelity import FidelityMeter, fidelity
 from .metrics import ConfusionMatrix, classification_scores, segmentation_scores
 
@@ -39,11 +50,6 @@ def _task_head(model: nn.Module, task: str) -> dict:
 def _correspondence(model: nn.Module, teacher: nn.Module, data: str, img_size: int, length: int | None,
                     device: torch.device) -> dict[str, Any]:
     """Correspondence accuracy of teacher and model on the source images of a photo collection spec."""
-    from ..data.build import heldout_spec, parse_spec
-    from ..data.photos import _image_tensor, pool_sources
-    from ..models.config import get_config
-    from .correspondence import correspondence
-
     spec = parse_spec(data)
     kind = spec.kind
     if kind not in ("photos", "wallpapers", "heldout"):
@@ -87,20 +93,6 @@ def evaluate(
     ``img_size``: one size, or a list (result: ``{"by_size": {"224": {...}, ...}}``).
     ``out``: a ``.json`` file, or a directory that receives ``eval.json``.
     """
-    from ..stages.common import (
-        as_model,
-        as_teacher,
-        check_fits,
-        check_img_size,
-        check_pair,
-        check_positive,
-        dataset,
-        eval_batches,
-        pick_device,
-        write_json,
-    )
-    from ..train.distributed import is_main
-
     if isinstance(img_size, (list, tuple)):  # load model and teacher once, then score each size
         if not img_size:
             raise ConfigError("img_size: empty list of sizes")
