@@ -239,10 +239,10 @@ def test_recipe_refuses_a_users_directory_and_never_deletes_it(tmp_path, dirs):
 @pytest.mark.parametrize("stage, change, match", [
     ("features", {"img_size": 56}, "img_size 28 -> 56"),
     ("features", {"loss": "cosine"}, "loss 'mse' -> 'cosine'"),
-    ("features", {"train": "attention"}, "train 'all' -> 'attention'"),
+    ("features", {"trainable": "attention"}, "train 'all' -> 'attention'"),
     ("features", {"data": "fashion-mnist:train"}, "data 'photos' -> 'fashion-mnist:train'"),
     ("attention", {"img_size": 56}, "img_size 28 -> 56"),
-    ("attention", {"train": "attention+proj"}, "train 'attention' -> 'attention\\+proj'"),
+    ("attention", {"trainable": "attention+proj"}, "train 'attention' -> 'attention\\+proj'"),
     ("attention", {"data": "fashion-mnist:train"}, "data 'photos' -> 'fashion-mnist:train'"),
 ])
 def test_resume_refuses_any_change_of_the_optimisation_problem(tmp_path, dirs, stage, change, match):

@@ -59,7 +59,7 @@ def test_stage1_one_teacher_pass_and_only_attention_trains(tmp_path):
 @pytest.mark.parametrize("train,extra", [("attention+proj", "attn.proj"), ("all", "norm1")])
 def test_stage1_wider_training(tmp_path, train, extra):
     teacher = _tiny(depth=1)
-    res = align_attention(teacher, data="photos", img_size=56, steps=2, batch_size=2, lr=1e-2, train=train,
+    res = align_attention(teacher, data="photos", img_size=56, steps=2, batch_size=2, lr=1e-2, trainable=train,
                           out=tmp_path / train, **FAST)
     t_sd, s_sd = teacher.state_dict(), res.model.state_dict()
     changed = {k for k in t_sd if not torch.equal(t_sd[k], s_sd[k])}
@@ -81,7 +81,7 @@ def test_bad_inputs_fail_before_writing(tmp_path):
         align_attention(teacher, img_size=56, steps=1, out=out, stepz=3)
     with pytest.raises(ConfigError, match="steps"):
         align_features(teacher, adala.linearize(teacher), img_size=56, steps=-1, out=out)
-    with pytest.raises(ConfigError, match="train must be"):
+    with pytest.raises(ConfigError, match="trainable must be"):
         align_attention(teacher, img_size=56, steps=1, out=out, trainable="mlp")
     with pytest.raises(ConfigError, match="resume"):
         align_attention(teacher, img_size=56, steps=1, out=out, resume=True)

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .. import __version__, plotting
-from ..data.photos import HELDOUT_PHOTOS, load_photo
-from ..evaluation.fidelity import fidelity
-from ..files import write_json
-from ..models import load_model, load_teacher
-from ..train.logs import read_log
+from . import __version__, plotting
+from .data.photos import HELDOUT_PHOTOS, load_photo
+from .evaluation.fidelity import fidelity
+from .files import write_json
+from .models import load_model, load_teacher
+from .train.logs import read_log
 
 PAPER_ABLATION = {"none": 22.92, "stage 1 only": 19.37, "stage 2 only": 52.46, "stage 1 + 2": 55.55}
 # demo recipe stage names: ablation arm -> (model stage, probe stage, segmentation stage)
