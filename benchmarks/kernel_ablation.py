@@ -33,7 +33,7 @@ import torch
 
 import adala
 from adala.attention.base import KernelAttention
-from adala.attention.kernels import elu_plus_one, fused_linear_attention, linear_attention, packed_projection
+from adala.attention.ops import elu_plus_one, fused_linear_attention, linear_attention, packed_projection
 from adala.benchmark.flops import block_flops, model_flops
 from adala.benchmark.measure import interleaved
 

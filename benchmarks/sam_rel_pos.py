@@ -21,7 +21,7 @@ import torch
 import adala
 from adala.data import build_dataset
 from adala.stages import align_attention
-from adala.stages.attention import AttentionAlignment
+from adala.stages.align_attention import AttentionAlignment
 
 
 def teacher(real: bool, img_size: int, sigma: float) -> torch.nn.Module:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adala.cli.demo import run_demo
+from adala.demo import run_demo
 
 RECIPE = """
 teacher: dinov2-s14

@@ -93,7 +93,7 @@ def test_cli_keep_softmax_count_from_a_trained_student(tmp_path):
     student_dir = adala.save_model(student, tmp_path / "student")
     out = tmp_path / "hybrid"
     assert main(["linearize", "--teacher", str(teacher_dir), "--student", str(student_dir),
-                 "--keep-softmax", "1", "--img-size", "28", "--out", str(out)]) == 0
+                 "--keep-worst", "1", "--img-size", "28", "--out", str(out)]) == 0
     cfg = json.loads((out / "adala.json").read_text())
     info = cfg["hybrid"]
     assert len(info["block_errors"]) == 3
@@ -110,9 +110,28 @@ def test_cli_keep_softmax_count_from_a_trained_student(tmp_path):
 def test_cli_keep_softmax_auto_with_a_budget_any_model_meets(tmp_path):
     teacher_dir = adala.save_model(_teacher(), tmp_path / "teacher")
     out = tmp_path / "auto"
-    assert main(["linearize", "--teacher", str(teacher_dir), "--keep-softmax", "auto", "--speed-budget", "0.01@56",
+    assert main(["linearize", "--teacher", str(teacher_dir), "--keep-worst", "auto", "--speed-budget", "0.01@56",
                  "--img-size", "28", "--out", str(out)]) == 0
     info = json.loads((out / "adala.json").read_text())["hybrid"]
     assert info["budget"]["met"] and info["budget"]["k"] == 3  # every block fits a 0.01x budget
     assert info["softmax_blocks"] == [0, 1, 2]
     assert block_kinds(adala.load_model(out)) == ["softmax"] * 3
+
+
+def test_cli_keep_softmax_count_still_works_with_a_deprecation_line(tmp_path, capsys):
+    teacher_dir = adala.save_model(_teacher(), tmp_path / "teacher")
+    out = tmp_path / "old"
+    assert main(["linearize", "--teacher", str(teacher_dir), "--keep-softmax", "1", "--img-size", "28",
+                 "--out", str(out)]) == 0
+    assert "--keep-softmax K|auto is deprecated; use --keep-worst" in capsys.readouterr().err
+    assert block_kinds(adala.load_model(out)).count("softmax") == 1
+
+
+def test_hybridize_is_the_api_the_cli_calls():
+    teacher = _teacher()
+    student = adala.linearize(teacher, "linear-elu")
+    model, info = hybrid.hybridize(student, teacher, keep_worst=1, img_size=28)
+    assert info["softmax_blocks"] == hybrid.choose_softmax_blocks(info["block_errors"], 1)
+    assert block_kinds(model).count("softmax") == 1 and block_kinds(student).count("softmax") == 0
+    with pytest.raises(ConfigError, match="not both"):
+        hybrid.hybridize(student, teacher, keep_worst=1, keep_blocks=[0])

@@ -50,7 +50,7 @@ def test_cli_recipes_lists_names_with_their_first_comment(capsys):
 
 
 def test_demo_default_config_is_the_packaged_one(tmp_path, monkeypatch):
-    from adala.cli.demo import default_config
+    from adala.demo import default_config
 
     monkeypatch.chdir(tmp_path)
     assert default_config() == packaged()["demo"]
@@ -99,5 +99,5 @@ def test_built_wheel_runs_recipes_by_name_from_root(tmp_path):
     for name in ("demo", "paper-dinov2-l"):
         r = _run([adala_bin, "run", name, "--check"], cwd="/")
         assert r.returncode == 0 and "valid" in r.stdout, r.stdout + r.stderr
-    r = _run([str(py), "-c", "from adala.cli.demo import default_config; print(default_config())"], cwd="/")
+    r = _run([str(py), "-c", "from adala.demo import default_config; print(default_config())"], cwd="/")
     assert r.returncode == 0 and r.stdout.strip().startswith(str(venv)), r.stdout + r.stderr

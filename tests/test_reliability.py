@@ -239,10 +239,10 @@ def test_recipe_refuses_a_users_directory_and_never_deletes_it(tmp_path, dirs):
 @pytest.mark.parametrize("stage, change, match", [
     ("features", {"img_size": 56}, "img_size 28 -> 56"),
     ("features", {"loss": "cosine"}, "loss 'mse' -> 'cosine'"),
-    ("features", {"train": "attention"}, "train 'all' -> 'attention'"),
+    ("features", {"trainable": "attention"}, "train 'all' -> 'attention'"),
     ("features", {"data": "fashion-mnist:train"}, "data 'photos' -> 'fashion-mnist:train'"),
     ("attention", {"img_size": 56}, "img_size 28 -> 56"),
-    ("attention", {"train": "attention+proj"}, "train 'attention' -> 'attention\\+proj'"),
+    ("attention", {"trainable": "attention+proj"}, "train 'attention' -> 'attention\\+proj'"),
     ("attention", {"data": "fashion-mnist:train"}, "data 'photos' -> 'fashion-mnist:train'"),
 ])
 def test_resume_refuses_any_change_of_the_optimisation_problem(tmp_path, dirs, stage, change, match):
@@ -378,12 +378,12 @@ def test_unwritable_log_is_one_logged_line_not_warnings(tmp_path, caplog):
 
 
 def test_image_size_whose_activations_cannot_fit_is_refused_with_the_estimate(tmp_path, dirs, monkeypatch):
-    from adala.stages import common
-    from adala.stages.common import activation_bytes, available_memory, check_fits
+    from adala.train import devices
+    from adala.train.devices import activation_bytes, available_memory, check_fits
 
     free, where = available_memory(torch.device("cpu"))
     assert free is not None and free > 0 and where == "of RAM available"
-    monkeypatch.setattr(common, "available_memory", lambda device: (16 * 2**30, "of RAM available"))
+    monkeypatch.setattr(devices, "available_memory", lambda device: (16 * 2**30, "of RAM available"))
     teacher, student = dirs
     out = tmp_path / "o"
     with pytest.raises(ConfigError, match=r"img_size=99988 cannot fit: 51,008,165 tokens x 64 wide x 2 blocks "

@@ -21,7 +21,7 @@ _API = {
     "align_attention": "stages",
     "align_features": "stages",
     "finetune": "stages",
-    "evaluate": "stages",
+    "evaluate": "evaluation",
     "bench": "benchmark",
 }
 
@@ -66,10 +66,12 @@ class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
 
 def _register(modeling_utils: Any) -> None:
     try:
+        # lazy: keeps import adala fast
         from .models.hf_attention import register
 
         register(modeling_utils)
     except Exception as e:  # noqa: BLE001 - never break the user's transformers import
+        # lazy: keeps import adala fast
         import warnings
 
         warnings.warn(f"adala could not register its attention with transformers: {e}", stacklevel=2)

@@ -15,15 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import attention
+from .benchmark import bench
 from .errors import ConfigError
-from .recipes import Recipe, load_recipe
+from .files import atomic_write_text, write_json
+from .models import load_model, load_teacher
+from .models.surgery import attention_modules
+from .plotting import plot_compare
+from .recipes import Recipe, load_recipe, run_recipe
 
 QUALITY_STAGES = ("align-features", "align-attention", "linearize")  # the final student: last of the first kind
 
 
 def _check_kinds(kinds: Sequence[str] | str) -> list[str]:
-    from . import attention
-
     if isinstance(kinds, str):
         kinds = [k.strip() for k in kinds.split(",") if k.strip()]
     kinds = list(kinds)
@@ -114,8 +118,6 @@ def _without_teacher_leaves(stages: list) -> list:
 
 def param_counts(student, teacher) -> dict[str, int]:
     """Total parameters; those beyond the teacher's (new kernel parameters); those stage 1 trains."""
-    from .models.surgery import attention_modules
-
     t_keys = set(teacher.state_dict())
     named = dict(student.named_parameters())
     extra = sum(p.numel() for n, p in named.items() if n not in t_keys and n.removeprefix("backbone.") not in t_keys)
@@ -138,10 +140,6 @@ def compare(
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run ``recipe`` once per attention kind, bench the final students together, write the table."""
-    from . import load_model, load_teacher
-    from .benchmark import bench
-    from .recipes import run_recipe
-
     say = log or (lambda _m: None)
     kinds = _check_kinds(kinds)
     out = Path(out)
@@ -185,9 +183,7 @@ def compare(
               "columns": columns(res_list), "rows": rows, "teacher_row": t_row, "bench": record}
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(plot_compare(result, out / "compare.png"))
-    from .models.weights import atomic_write_text
-
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    write_json(out / "compare.json", result, sort_keys=False)
     atomic_write_text(out / "compare.md", to_markdown(result))
     say(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
     return result
@@ -221,37 +217,3 @@ def to_markdown(result: dict[str, Any]) -> str:
     for row in [*result["rows"], result["teacher_row"]]:
         lines.append("| " + " | ".join(_fmt(c, row.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_compare(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Quality (probe top-1 when every kind has it, else final-token cosine) vs speed-up at the largest size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .models.weights import atomic_write
-
-    res = max(result["resolutions"])
-    rows = result["rows"]
-    ykey = "probe_top1" if all(r.get("probe_top1") is not None for r in rows) else "final_cosine"
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for i, r in enumerate(rows):
-        x, y = r[f"speedup@{res}"], r.get(ykey)
-        if y is None:
-            continue
-        ax.scatter([x], [y], s=60, color=f"C{i % 10}", label=r["kind"])
-        ax.annotate(r["kind"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
-    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel=f"speed-up over teacher at {res}px", title="quality vs speed",
-           ylabel="linear-probe top-1" if ykey == "probe_top1" else "final-token cosine to teacher")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return out

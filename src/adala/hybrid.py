@@ -24,22 +24,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .benchmark.measure import interleaved
+from .data.model_datasets import dataset
 from .errors import ConfigError
+from .evaluation.fidelity import fidelity
 from .models.config import get_config
 from .models.families import family_of
-from .models.surgery import attention_modules, backbone_of, block_kinds, linearize_blocks
+from .models.surgery import attention_modules, backbone_of, block_kinds, linear_blocks, linearize_blocks
 
 
 def block_errors(student: nn.Module, teacher: nn.Module, data: str = "photos:heldout", img_size: int | None = None,
                  batches: int = 4, batch_size: int = 8, seed: int = 0) -> list[float]:
     """Per-block teacher-forced attention relative error of ``student`` on held-out images."""
-    from .data import build_dataset
-    from .evaluation.fidelity import fidelity
-
-    cfg = get_config(teacher)
-    size = int(img_size or cfg.get("img_size") or 224)
-    ds = build_dataset(data, task="unlabeled", img_size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                       train=False, seed=seed, length=batches * batch_size)
+    size = int(img_size or get_config(teacher).get("img_size") or 224)
+    ds = dataset(teacher, data, task="unlabeled", img_size=size, train=False, seed=seed, length=batches * batch_size)
     items = [ds[i] for i in range(batches * batch_size)]
     xs = [torch.stack(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
     was = student.training
@@ -53,7 +51,7 @@ def block_errors(student: nn.Module, teacher: nn.Module, data: str = "photos:hel
 def candidate_blocks(student: nn.Module) -> list[int]:
     """Blocks a hybrid may switch back to softmax: the ones ``student`` linearized (for SAM by default its
     global blocks: ``linearize`` follows the family's ``default_blocks``)."""
-    return [i for i, k in enumerate(block_kinds(student)) if k != "softmax"]
+    return linear_blocks(student)
 
 
 def choose_softmax_blocks(errors: Sequence[float], k: int, candidates: Sequence[int] | None = None) -> list[int]:
@@ -98,8 +96,6 @@ def largest_k(costs: dict[str, float], num_blocks: int, speedup: float) -> int:
 
 
 def _median_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
-    from .benchmark.measure import interleaved
-
     with torch.inference_mode():
         times = interleaved(fns, torch.device("cpu"), repeats, warmup=1)
     return [statistics.median(t) for t in times]
@@ -227,3 +223,32 @@ def parse_budget(value: str) -> tuple[float, int]:
     if not speed > 0 or res <= 0:
         raise ConfigError(f"--speed-budget expects a positive speed-up and resolution (got {value!r})")
     return speed, res
+
+
+def hybridize(student: nn.Module, teacher: nn.Module, *, keep_worst: int | str | None = None,
+              keep_blocks: Sequence[int] | None = None, speed_budget: str | None = None,
+              img_size: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """``student`` with some blocks switched back to exact softmax, and the record of how they were chosen
+    (saved as ``hybrid`` in ``adala.json``).
+
+    ``keep_worst``: that many blocks with the largest held-out attention error, or ``"auto"``: as many as
+    ``speed_budget`` (``SPEEDUP@RES``) allows; ``keep_blocks``: explicit block indices. Give one of the two.
+    """
+    if keep_worst is not None and keep_blocks is not None:
+        raise ConfigError("give either --keep-worst (count or auto) or --keep-blocks (indices), not both")
+    if (keep_worst == "auto") != (speed_budget is not None):
+        raise ConfigError("--keep-worst auto and --speed-budget SPEEDUP@RES go together")
+    info: dict[str, Any] = {}
+    blocks = list(keep_blocks or [])
+    if keep_worst is not None:
+        errors = block_errors(student, teacher, img_size=img_size)
+        info["block_errors"] = errors
+        if keep_worst == "auto":
+            speed, res = parse_budget(speed_budget)
+            plan = budget_plan(student, teacher, errors, speed, res)
+            info["budget"] = plan
+            blocks = plan["blocks"]
+        else:
+            blocks = choose_softmax_blocks(errors, keep_worst, candidate_blocks(student))
+    info["softmax_blocks"] = blocks
+    return make_hybrid(student, blocks), info

@@ -26,15 +26,20 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import ConfigError
+from .files import atomic_write_text
+from .train import distributed as dist
 
 LOCK = ".adala.lock"
+METRICS = "metrics.json"  # written last by a finished stage
 MARKER = ".adala-out.json"
 # Files an earlier adala run leaves in its directory (runs from before the marker existed still resume).
 _RUN_FILES = ("checkpoints", "stage.json", "summary.json")
@@ -44,8 +49,6 @@ log = logging.getLogger("adala")
 
 def launch_rank() -> int:
     """This process's rank, also before the process group exists (torchrun sets RANK for every worker)."""
-    from .train import distributed as dist
-
     if dist.is_distributed():
         return dist.rank()
     try:
@@ -147,6 +150,7 @@ class OutLock:
 
     def acquire(self) -> OutLock:
         me = {"pid": os.getpid(), "host": _host(), "started": round(time.time(), 3), "what": self.what}
+        # lazy: POSIX only
         import fcntl
 
         for _ in range(100):  # only loops when another process replaced or removed the file meanwhile
@@ -202,9 +206,6 @@ class OutLock:
 
 def write_marker(out: Path, what: str) -> None:
     """Mark ``out`` as adala's (kept after the run: resumes and recipes recognise it)."""
-    from . import __version__
-    from .models.weights import atomic_write_text
-
     if not (out / MARKER).is_file():
         atomic_write_text(out / MARKER, json.dumps({"created_by": what, "adala_version": __version__,
                                                     "time": round(time.time(), 3)}) + "\n")
@@ -283,3 +284,38 @@ def claim(out: Path, what: str) -> Iterator[Path]:
         lock.release()
         if not ok:
             _cleanup(out, created_dir, wrote_marker)
+
+
+# ------------------------------------------------------------------------------------ stage outputs
+
+def out_dir(out: str | os.PathLike | None, stage: str) -> Path:
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix=f"adala-{stage}-"))
+    return Path(out)
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse to train over a finished stage or into a file; ``resume`` needs the engine's checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a directory")
+    if resume and not (out / "checkpoints").is_dir():
+        raise ConfigError(f"--resume: {out} has no checkpoints to resume from")
+
+
+def is_finished(out: Path) -> bool:
+    """A finished stage: ``finish`` writes the model, then ``metrics.json`` last."""
+    return (out / "adala.json").is_file() and (out / METRICS).is_file()
+
+
+@contextlib.contextmanager
+def claim_output(out: Path, stage: str, *, resume: bool, force: bool,
+                 inputs: Iterable[tuple[str, Any]] = ()) -> Iterator[Path]:
+    """Check ``out`` (not an input, not a stranger's directory, creatable; see :mod:`adala.outdir`), then
+    hold its run lock for the ``with`` body. Runs first in a stage, before any model or data is loaded, so a
+    second run on the same directory fails at once and a refused directory is never touched."""
+    if not isinstance(force, bool):
+        raise ConfigError(f"force must be true or false, got {force!r}")
+    check_target(out, inputs, force=force)
+    check_out(out, resume)
+    with claim(out, stage):
+        yield out

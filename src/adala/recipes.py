@@ -31,7 +31,21 @@ from typing import Any
 import torch
 import yaml
 
+from .configs import resolve
 from .errors import AdalaError, ConfigError
+from .evaluation import TASKS as EVAL_TASKS
+from .evaluation import evaluate
+from .files import write_json
+from .models import linearize, load_teacher
+from .models.resolve import as_model, check_img_size
+from .outdir import check_target, claim, created_by_adala, write_marker
+from .stages import align_attention, align_features, finetune
+from .stages.align_attention import TRAINABLE
+from .stages.align_features import LOSSES
+from .stages.finetune import TASKS as FINETUNE_TASKS
+from .stages.result import finish
+from .train.distributed import barrier, is_main
+from .train.loop import AMP_MODES, DEVICES
 
 STAGE_KINDS = ("linearize", "align-attention", "align-features", "finetune", "evaluate")
 TOP_KEYS = {"teacher", "img_size", "seed", "defaults", "stages", "description", "threads"}
@@ -125,8 +139,8 @@ def _cache(key: str, v: Any) -> Any:
 TRAIN_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "seed": _int(0), "warmup_steps": _int(0), "weight_decay": _num(0.0, strict=False),
     "min_lr_ratio": _num(0.0, strict=False, maximum=1.0), "grad_clip": _grad_clip, "accum_steps": _int(1),
-    "amp": _choice("auto", "bf16", "fp16", "fp32"), "num_workers": _int(0), "log_every": _int(1),
-    "ckpt_every": _int(0), "keep": _int(1), "device": _choice("auto", "cpu", "cuda"), "progress": _bool,
+    "amp": _choice(*AMP_MODES), "num_workers": _int(0), "log_every": _int(1),
+    "ckpt_every": _int(0), "keep": _int(1), "device": _choice(*DEVICES), "progress": _bool,
     "ema": _num(0.0, strict=False, maximum=0.9999),
 }
 def _sizes(key: str, v: Any) -> Any:
@@ -143,18 +157,19 @@ COMMON = {"kind": _str, "from": _str, "img_size": _sizes}
 KIND_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "linearize": {"attention": _str, "keep_softmax": _int_list, "options": _mapping},
     "align-attention": {"attention": _str, "data": _data, "steps": _int(1), "batch_size": _int(1), "lr": _num(),
-                        "train": _choice("attention", "attention+proj", "all"), "length": _int(1), **TRAIN_KEYS},
+                        "trainable": _choice(*TRAINABLE), "train": _choice(*TRAINABLE), "length": _int(1),
+                        **TRAIN_KEYS},
     "align-features": {"data": _data, "steps": _int(1), "batch_size": _int(1), "lr": _num(),
-                       "loss": _choice("mse", "cosine", "mse+cosine", "cosine+smooth-l1"),
-                       "train": _choice("all", "attention", "attention+proj"), "length": _int(1), **TRAIN_KEYS},
-    "finetune": {"task": _choice("classification", "linear-probe", "segmentation"), "data": _str,
+                       "loss": _choice(*LOSSES), "trainable": _choice(*TRAINABLE), "train": _choice(*TRAINABLE),
+                       "length": _int(1), **TRAIN_KEYS},
+    "finetune": {"task": _choice(*FINETUNE_TASKS), "data": _str,
                  "epochs": _num(), "steps": _int(1), "batch_size": _int(1), "lr": _num(), "head": _str,
                  "freeze_backbone": _bool, "length": _int(1), "eval_data": _str, "eval_length": _int(1),
                  "cache_features": _cache, **TRAIN_KEYS},
-    "evaluate": {"task": _choice("classification", "linear-probe", "segmentation", "features", "correspondence"),
+    "evaluate": {"task": _choice(*EVAL_TASKS),
                  "data": _str,
                  "teacher": _teacher_flag, "batch_size": _int(1), "length": _int(1),
-                 "device": _choice("auto", "cpu", "cuda"), "num_workers": _int(0)},
+                 "device": _choice(*DEVICES), "num_workers": _int(0)},
 }
 REQUIRED = {"finetune": ("from", "data"), "align-features": ("from",), "evaluate": ("from", "task", "data")}
 DEFAULT_KEYS = {**TRAIN_KEYS, "batch_size": _int(1)}
@@ -330,8 +345,6 @@ def _load_yaml(text: str, source: str) -> Any:
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Parse a recipe file, or a packaged recipe by name (``demo``, ``paper-dinov2-l``; see ``adala recipes``)."""
-    from .configs import resolve
-
     p = resolve(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -381,15 +394,8 @@ def _read_metrics(d: Path) -> dict:
 
 
 def _run_stage(recipe: Recipe, stage: Stage, teacher, source_model, d: Path, resume: bool) -> dict:
-    from .evaluation import evaluate
-    from .models import linearize
-    from .stages import align_attention, align_features, finetune
-    from .stages.common import finish
-
     opts = dict(stage.options)
     if stage.kind == "linearize":
-        from .stages.common import as_model, check_img_size
-
         img_size = opts.pop("img_size")
         base = teacher if source_model is None else as_model(source_model)
         check_img_size(base, img_size, f"stages.{stage.name}.img_size")
@@ -401,14 +407,13 @@ def _run_stage(recipe: Recipe, stage: Stage, teacher, source_model, d: Path, res
         flag = opts.pop("teacher", None)
         t = teacher if flag is True else (flag if isinstance(flag, str) else None)
         result = evaluate(source_model, teacher=t, out=d, **opts)
-        from .stages.common import write_json
-        from .train.distributed import is_main
-
         if is_main():
             write_json(d / "metrics.json", result)
         return result
     if resume:
         opts["resume"] = True
+    if "train" in opts:  # the recipe key before 0.2 (kept in the fingerprint as written)
+        opts["trainable"] = opts.pop("train")
     if stage.kind == "align-attention":
         return align_attention(teacher, source_model, out=d, **opts).metrics
     if stage.kind == "align-features":
@@ -424,9 +429,6 @@ def run_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, fr
     ``out`` is locked for the whole run (a second run on it fails at once) and must be new, empty or an
     earlier run's (see :mod:`adala.outdir`); ``force`` writes into a directory adala did not create.
     """
-    from .outdir import check_target, claim
-    from .train.distributed import is_main
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     elif overrides:
@@ -449,13 +451,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, *, fr
 
 
 def _run(recipe: Recipe, out: Path, fresh: bool, say: Callable[[str], None], force: bool = False) -> dict:
-    from .models import load_teacher
-    from .outdir import created_by_adala, write_marker
-    from .stages.common import write_json
-    from .train.distributed import barrier, is_main
-
     teacher = load_teacher(recipe.teacher)
-    from .stages.common import check_img_size
 
     for st in recipe.stages:  # teachers whose patch size was not visible in the spec
         sizes = st.options["img_size"]

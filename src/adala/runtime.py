@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import warnings
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -42,9 +43,16 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def keeps_freed_memory() -> bool:
+def freed_memory_kept() -> bool:
     """Whether :func:`keep_freed_memory` is in effect in this process."""
     return bool(_STATE["applied"])
+
+
+def keeps_freed_memory() -> bool:
+    """Deprecated name of :func:`freed_memory_kept` (one letter from the setter's name)."""
+    warnings.warn("adala.runtime.keeps_freed_memory is deprecated; use freed_memory_kept",
+                  DeprecationWarning, stacklevel=2)
+    return freed_memory_kept()
 
 
 def allocator() -> str:

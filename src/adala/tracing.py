@@ -1,6 +1,6 @@
 """One answer to "is this forward being recorded into a graph?" for every fast path that must step aside.
 
-The speed paths (``attention.kernels``' no-grad products, the fused CPU/Triton kernels, the cached
+The speed paths (``attention.ops``' no-grad products, the fused CPU/Triton kernels, the cached
 position embedding) write results through ``out=`` into views of ``new_empty`` buffers, reuse a
 per-thread workspace or return tensors computed outside the forward. A tracer records data flow
 through tensor *values*: the legacy ONNX exporter drops ``out=`` writes into a view of a fresh

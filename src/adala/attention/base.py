@@ -13,6 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
+
+
+def is_linear(attn: nn.Module) -> bool:
+    """Whether ``attn`` is one of the linear kinds (anything but exact softmax): the blocks stage 1 trains, the
+    benchmarks count as linear and a hybrid can switch back. A module without a ``kind`` is the teacher's
+    own softmax attention."""
+    return getattr(attn, "kind", "softmax") != "softmax"
+
 
 class KernelAttention(nn.Module):
     """Shared projection plumbing; ``mix`` is the only thing a kind has to write."""
@@ -22,8 +31,6 @@ class KernelAttention(nn.Module):
     def __init__(self, attn: nn.Module, **options: Any) -> None:
         super().__init__()
         if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
-            from ..errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"cannot linearize {type(attn).__name__}: expected a timm-style attention with fused qkv"
             )

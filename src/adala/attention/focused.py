@@ -3,7 +3,7 @@
 φ(x) = ‖r‖ · r^p / ‖r^p‖ with r = ReLU(x / softplus(θ)) + 1e-6: the power p (``p=3``) keeps each feature's
 norm but sharpens its direction, so similar q/k get relatively larger products — a kernel that focuses like
 softmax does. θ (``feature_scale``, per head and channel as in the paper) starts at 0, a uniform scale that the
-normaliser cancels. The paper's rank-restoring depthwise conv (``dwc``, ``kernel=5``, shared by the heads)
+normaliser cancels. The paper's rank-restoring depthwise conv (``dwc=5``, shared by the heads)
 runs over V on the patch grid and is added to the patch tokens' output; prefix tokens get none. Its weights
 start at zero, so the swap starts as exactly focused linear attention on the teacher's q/k/v.
 """
@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import renamed
 from ..errors import ConfigError
 from .base import KernelAttention
-from .kernels import DEFAULT_EPS, linear_attention
+from .grid import patch_grid
+from .ops import DEFAULT_EPS, linear_attention
 from .registry import register
-from .window_hybrid import patch_grid
 
 RELU_EPS = 1e-6
 
@@ -37,14 +38,17 @@ class FocusedAttention(KernelAttention):
     uses_grid = True
 
     def __init__(
-        self, attn: nn.Module, p: float = 3.0, kernel: int = 5, eps: float = DEFAULT_EPS, **options: Any
+        self, attn: nn.Module, p: float = 3.0, dwc: int = 5, eps: float = DEFAULT_EPS, kernel: int | None = None,
+        **options: Any
     ) -> None:
-        super().__init__(attn, p=p, kernel=kernel, eps=eps, **options)
+        # ``kernel`` was this option's name before 0.2 (as ``dwc`` in linear-elu: the depthwise conv's size)
+        dwc = renamed("kernel", kernel, "dwc", dwc)
+        super().__init__(attn, p=p, dwc=dwc, eps=eps, **options)
         if not p > 0:
             raise ConfigError(f"focused p must be > 0, got {p}")
-        kernel = int(kernel)
-        if kernel < 1 or kernel % 2 == 0:
-            raise ConfigError(f"focused kernel must be a positive odd number, got {kernel}")
+        if isinstance(dwc, bool) or not isinstance(dwc, int) or dwc < 1 or dwc % 2 == 0:
+            raise ConfigError(f"focused dwc must be a positive odd number, got {dwc!r}")
+        kernel = dwc
         self.p = float(p)
         self.eps = float(eps)
         self.feature_scale = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import KernelAttention
-from .kernels import DEFAULT_EPS, linear_attention
+from .ops import DEFAULT_EPS, linear_attention
 from .registry import register
 
 INITS = ("orthogonal", "identity")

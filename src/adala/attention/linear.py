@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..tracing import is_tracing
 from .base import KernelAttention
-from .kernels import (
+from .grid import patch_grid
+from .ops import (
     DEFAULT_EPS,
     FEATURE_MAPS,
     fused_linear_attention,
@@ -37,7 +39,6 @@ from .kernels import (
     packed_projection,
 )
 from .registry import register
-from .window_hybrid import patch_grid
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 KERNELS = ("auto", "torch")
@@ -53,7 +54,6 @@ class LinearAttention(KernelAttention):
         """``kernel``: "auto" takes the fastest exact path for the call (Triton on CUDA inference, the
         fused torch kernel on CPU); "torch" always takes the generic ``mix`` path (the reference for
         benchmarks and debugging). ``temperature`` / ``dwc``: see the module docstring."""
-        from ..errors import ConfigError
 
         if kernel not in KERNELS:
             raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -169,6 +169,7 @@ class LinearAttention(KernelAttention):
         """CUDA inference, where triton is installed and knows the head size (else the torch path)."""
         if (x.device.type == "cpu" and not _TRITON_ON_CPU) or not self._plain_inference(x):
             return False
+        # lazy: optional dependency: triton (CUDA only)
         from . import triton_kernels
 
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -177,6 +178,7 @@ class LinearAttention(KernelAttention):
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference through the Triton kernels; autocast decides the projections' dtype."""
+        # lazy: optional dependency: triton (CUDA only)
         from . import triton_kernels
 
         qkv = self.qkv(x)

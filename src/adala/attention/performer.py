@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import KernelAttention
-from .kernels import DEFAULT_EPS, linear_attention
+from .ops import DEFAULT_EPS, linear_attention
 from .registry import register
 
 KERNEL_EPS = 1e-4  # as performer-pytorch: keeps every feature > 0, so a query never sees an all-zero normaliser

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import KernelAttention
-from .kernels import DEFAULT_EPS, FEATURE_MAPS, linear_attention
+from .flops import kind_flops
+from .ops import DEFAULT_EPS, FEATURE_MAPS, linear_attention
 
 ROPE_KINDS = {"softmax": None, "linear-elu": "elu", "linear-relu": "relu"}
 
@@ -39,8 +41,6 @@ class RopeKernelAttention(KernelAttention):
     def __init__(self, attn: nn.Module, kind: str = "linear-elu", eps: float = DEFAULT_EPS,
                  kernel: str = "auto", **options: Any) -> None:
         if kind not in ROPE_KINDS:
-            from ..errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"attention kind {kind!r} has no rotary-embedding version; Eva models take {', '.join(ROPE_KINDS)}")
         nn.Module.__init__(self)
@@ -122,8 +122,4 @@ class RopeKernelAttention(KernelAttention):
 
     def flops(self, n: int) -> dict[str, int]:
         """Mixing FLOPs at ``n`` tokens (the FLOP counter's convention; RoPE, like softmax's exp, uncounted)."""
-        from ..benchmark.flops import linear_attention_flops, softmax_attention_flops
-
-        if self.feature_map is None:
-            return softmax_attention_flops(n, self.num_heads, self.head_dim)
-        return linear_attention_flops(n, self.num_heads, self.head_dim, 2 if self.feature_map_name == "elu" else 1)
+        return kind_flops(n, self.num_heads, self.head_dim, None if self.feature_map is None else self.feature_map_name)

@@ -25,8 +25,10 @@ from timm.layers import apply_rot_embed_cat
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias, get_rel_pos
 from torch import nn
 
+from ..errors import ConfigError, UnsupportedModelError
 from .base import KernelAttention
-from .kernels import DEFAULT_EPS, FEATURE_MAPS, linear_attention
+from .flops import kind_flops
+from .ops import DEFAULT_EPS, FEATURE_MAPS, linear_attention
 
 SAM_KINDS = {"softmax": None, "linear-elu": "elu", "linear-relu": "relu"}
 REL_POS = ("approx", "drop")
@@ -51,8 +53,6 @@ class SamKernelAttention(KernelAttention):
 
     def __init__(self, attn: nn.Module, kind: str = "linear-elu", eps: float = DEFAULT_EPS,
                  rel_pos: str = DEFAULT_REL_POS, kernel: str = "auto", **options: Any) -> None:
-        from ..errors import ConfigError, UnsupportedModelError
-
         if kind not in SAM_KINDS:
             raise UnsupportedModelError(
                 f"attention kind {kind!r} has no SAM version; SAM models take {', '.join(SAM_KINDS)}")
@@ -112,8 +112,4 @@ class SamKernelAttention(KernelAttention):
         raise NotImplementedError("SAM attention mixes on its (H, W) grid: call forward")
 
     def flops(self, n: int) -> dict[str, int]:
-        from ..benchmark.flops import linear_attention_flops, softmax_attention_flops
-
-        if self.feature_map is None:
-            return softmax_attention_flops(n, self.num_heads, self.head_dim)
-        return linear_attention_flops(n, self.num_heads, self.head_dim, 2 if self.feature_map_name == "elu" else 1)
+        return kind_flops(n, self.num_heads, self.head_dim, None if self.feature_map is None else self.feature_map_name)

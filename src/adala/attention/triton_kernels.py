@@ -130,7 +130,7 @@ def linear_attention_triton(
     """
     if not supports(qkv.device, qkv.dtype, head_dim, feature_map) or qkv.dim() != 3 or qkv.stride(-1) != 1:
         raise ValueError(f"the triton kernels do not take this qkv ({qkv.device}, {qkv.dtype}, head_dim "
-                         f"{head_dim}, feature map {feature_map!r}); use adala.attention.kernels")
+                         f"{head_dim}, feature map {feature_map!r}); use adala.attention.ops")
     b, n, width = qkv.shape
     a = num_heads * head_dim
     if width != 3 * a:

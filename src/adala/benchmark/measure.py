@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError
 
@@ -70,7 +71,6 @@ def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager:
     """Pin torch SDPA to one backend (the softmax teacher's kernel); None leaves torch's choice."""
     if check_sdpa_backend(name) is None:
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 

@@ -15,10 +15,14 @@ import sys
 
 import torch
 
+from ..attention.ops import set_compiled_feature_maps
+from ..models import linearize, load_model, load_teacher
+from ..models.surgery import backbone_of
+from ..runtime import keep_freed_memory
+from .measure import precision, proc_status_kb, reset_peak_rss
+
 
 def build(recipe: dict) -> torch.nn.Module:
-    from .. import linearize, load_model, load_teacher
-
     src = recipe["source"]
     if "model_dir" in src:
         model = load_model(src["model_dir"])
@@ -31,19 +35,13 @@ def build(recipe: dict) -> torch.nn.Module:
 
 
 def main() -> int:
-    from ..models.surgery import backbone_of
-    from .measure import precision, proc_status_kb, reset_peak_rss
-
     recipe = json.loads(sys.stdin.read())
     if recipe.get("keep_freed_memory"):  # the allocator setting the timed run used
-        from ..runtime import keep_freed_memory
 
         keep_freed_memory()
     if recipe.get("threads"):
         torch.set_num_threads(int(recipe["threads"]))
     if recipe.get("compile_feature_maps"):
-        from ..attention.kernels import set_compiled_feature_maps
-
         set_compiled_feature_maps(True)
     vit = backbone_of(build(recipe))
     s = int(recipe["resolution"])

@@ -17,12 +17,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from .. import __version__, files
+from ..attention.ops import set_compiled_feature_maps
+from ..checks import check_multiple, check_positive
+from ..errors import ConfigError, UnsupportedModelError
+from ..models import linearize, load_model, load_teacher, save_model
+from ..models.resolve import check_pair
 from ..models.surgery import backbone_of, block_kinds
-from ..runtime import allocator, keeps_freed_memory
+from ..plotting import crossover
+from ..runtime import allocator, freed_memory_kept
 from ..runtime import keep_freed_memory as _keep_freed_memory
 from . import flops as flops_mod
 from .measure import (
@@ -40,16 +47,13 @@ from .measure import (
     summary,
     wait_for_quiet,
 )
+from .train import train_throughput
 
 FORMAT = "adala-bench/1"
 TEACHER = "teacher"
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    import timm
-
-    from .. import __version__
-
     env = {
         "adala": __version__,
         "torch": torch.__version__,
@@ -67,19 +71,11 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _check_positive(value: int, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_resolutions(model: nn.Module, resolutions: Sequence[int]) -> list[int]:
     p = backbone_of(model).patch_embed.patch_size[0]
     out = []
     for r in resolutions:
-        if not isinstance(r, int) or r < p or r % p:
-            raise ConfigError(f"resolution {r!r} is not a positive multiple of the patch size {p}")
-        out.append(r)
+        out.append(check_multiple(r, p, "resolution"))
     if not out:
         raise ConfigError("no resolutions given")
     return sorted(set(out))
@@ -97,20 +93,6 @@ def _describe(name: str, model: nn.Module, role: str) -> dict[str, Any]:
         "arch": cfg.get("arch"),
         "teacher_spec": cfg.get("teacher"),
     }
-
-
-def crossover(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
-    """Where the student's speed-up crosses 1, linearly interpolated between measured resolutions."""
-    pts = sorted((c["resolution"], c["speedup"]) for c in comparisons)
-    if not pts:
-        return {"resolution": None, "note": "no measurements"}
-    if pts[0][1] >= 1.0:
-        return {"resolution": None, "below": pts[0][0], "note": "student faster at every measured resolution"}
-    for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
-        if s0 < 1.0 <= s1:
-            return {"resolution": r0 + (1.0 - s0) * (r1 - r0) / (s1 - s0), "between": [r0, r1],
-                    "note": "speed-up interpolated linearly between measured resolutions"}
-    return {"resolution": None, "above": pts[-1][0], "note": "teacher faster at every measured resolution"}
 
 
 def bench(
@@ -155,19 +137,18 @@ def bench(
     None: torch's choice). ``cuda_graphs`` (CUDA) times each model's forward replayed from a CUDA
     graph captured after warm-up, so launch overhead drops out for every model alike; memory is
     still measured on an eager call.
-    ``compile_feature_maps`` turns on ``adala.attention.kernels.set_compiled_feature_maps`` for the run.
+    ``compile_feature_maps`` turns on ``adala.attention.ops.set_compiled_feature_maps`` for the run.
     ``keep_freed_memory`` (CPU) first applies ``adala.runtime.keep_freed_memory`` to this process, as every
     ``adala`` command does, so large tensors are not page-faulted in anew on every forward; the record's
     ``settings.allocator`` says what was in effect.
     Modules passed in are moved to ``device``, never modified.
     """
-    from .. import linearize, load_teacher
 
     say = progress or (lambda _msg: None)
     dev = check_device(device)
     check_dtype(dtype)
-    _check_positive(batch_size, "batch_size")
-    _check_positive(repeats, "repeats")
+    check_positive(batch_size, "batch_size")
+    check_positive(repeats, "repeats")
     if not isinstance(min_seconds, (int, float)) or min_seconds < 0:
         raise ConfigError(f"min_seconds must be a non-negative number, got {min_seconds!r}")
     if not isinstance(warmup, int) or warmup < 0:
@@ -178,7 +159,7 @@ def bench(
     if sdpa == "flash" and dev.type == "cuda" and dtype == "fp32":
         raise ConfigError("SDPA's flash backend runs bf16/fp16 only on CUDA; pass --dtype bf16 or fp16")
     if threads is not None:
-        torch.set_num_threads(_check_positive(threads, "threads"))
+        torch.set_num_threads(check_positive(threads, "threads"))
     if keep_freed_memory and dev.type == "cpu":
         _keep_freed_memory()
 
@@ -192,10 +173,6 @@ def bench(
         (TEACHER, teacher, {"source": teacher_source} if teacher_source else None)
     ]
     if isinstance(students, Mapping):
-        from .. import load_model
-        from ..errors import UnsupportedModelError
-        from ..stages.common import check_pair
-
         for name, m in students.items():
             if isinstance(m, (str, os.PathLike)):  # a saved model directory
                 models.append((str(name), load_model(m).to(dev).eval(), {"source": {"model_dir": str(m)}}))
@@ -245,7 +222,6 @@ def bench(
         "comparisons": [],
     }
 
-    from ..attention.kernels import set_compiled_feature_maps
 
     run = _Run(dev, dtype, batch_size, repeats, warmup, memory, compile_feature_maps, say, min_seconds, sdpa,
                cuda_graphs)
@@ -263,8 +239,6 @@ def bench(
             n: crossover([c for c in record["comparisons"] if c["student"] == n]) for n in names[1:]
         }
         if train_steps:
-            from .train import train_throughput
-
             tres = train_resolution or resolutions[0]
             _check_resolutions(teacher, [tres])
             say(f"train steps at {tres}px")
@@ -293,8 +267,6 @@ class _Run:
 
 def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: str) -> dict[str, dict | None]:
     """How the memory subprocess rebuilds each model: its spec, else a temporary save."""
-    from .. import save_model
-
     recipes: dict[str, dict | None] = {}
     for name, m, recipe in models:
         if run.memory and run.dev.type == "cpu" and recipe is None:
@@ -304,7 +276,7 @@ def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: s
                 recipe = {"error": f"cannot hand the model to a subprocess: {e}"}
         if recipe is not None and run.compile_feature_maps:
             recipe = {**recipe, "compile_feature_maps": True}
-        if recipe is not None and "error" not in recipe and keeps_freed_memory():
+        if recipe is not None and "error" not in recipe and freed_memory_kept():
             recipe = {**recipe, "keep_freed_memory": True}
         recipes[name] = recipe
     return recipes
@@ -381,3 +353,8 @@ def _bench_resolution(
         frac = "" if bound is None else f", bound {bound:.2f}x ({100 * speedup / bound:.0f}%)"
         say(f"{res}px: {name} {s_row['images_per_s']:.2f} img/s vs teacher {t_row['images_per_s']:.2f} img/s: "
             f"{speedup:.2f}x{frac}")
+
+
+def write_json(record: dict, path: str | os.PathLike) -> None:
+    """The bench record as indented JSON in its own key order, written atomically (:mod:`adala.files`)."""
+    files.write_json(path, record, sort_keys=False)

@@ -3,62 +3,21 @@
 Stage 1 (attention alignment): one no-grad teacher pass records every block's attention input and
 output; each student attention module gets the teacher's input and regresses the teacher's output
 (MSE), attention parameters only. Stage 2 (feature alignment): no-grad teacher forward, student
-forward/backward on the final tokens (MSE), all parameters. The objectives of ``adala.stages`` are
-used when they import; otherwise a minimal local version with the same math (said in the JSON).
+forward/backward on the final tokens (MSE), all parameters. The objectives are the stages' own
+(``AttentionAlignment``, ``FeatureAlignment``), named in the JSON.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models.families import family_of
-from ..models.surgery import attention_modules, backbone_of
+from ..stages.align_attention import AttentionAlignment, trainable_attention_params
+from ..stages.align_features import FeatureAlignment
 from .measure import interleaved, precision, summary
-
-
-class _LocalAttentionAlignment(nn.Module):
-    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
-        super().__init__()
-        self.teacher, self.student = teacher, student
-        self.records: dict[int, tuple[torch.Tensor, dict, torch.Tensor]] = {}
-        self.handles = [a.register_forward_hook(self._hook(i), with_kwargs=True)
-                        for i, a in enumerate(attention_modules(teacher))]
-
-    def _hook(self, i: int) -> Callable:
-        def hook(_mod, args, kwargs, output):  # kwargs: Eva's rope, replayed to the student
-            self.records[i] = (args[0].detach(), kwargs, output.detach())
-
-        return hook
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        with torch.no_grad():
-            backbone_of(self.teacher).forward_features(x)
-        losses = []
-        for i, attn in enumerate(attention_modules(self.student)):
-            if getattr(attn, "kind", "softmax") == "softmax":
-                continue
-            inp, kwargs, target = self.records[i]
-            losses.append(F.mse_loss(attn(inp, **kwargs).float(), target.float()))
-        self.records.clear()
-        return torch.stack(losses).mean(), {}
-
-
-class _LocalFeatureAlignment(nn.Module):
-    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
-        super().__init__()
-        self.teacher, self.student = teacher, student
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        t_vit, s_vit = backbone_of(self.teacher), backbone_of(self.student)
-        with torch.no_grad():
-            target = family_of(t_vit).features(t_vit, x)
-        return F.mse_loss(family_of(s_vit).features(s_vit, x).float(), target.float()), {}
 
 
 def _release(objective: nn.Module) -> None:
@@ -70,37 +29,18 @@ def _release(objective: nn.Module) -> None:
         h.remove()
 
 
-def _only_attention_trainable(student: nn.Module) -> None:
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for attn in attention_modules(student):
-        if getattr(attn, "kind", "softmax") != "softmax":
-            for name, p in attn.named_parameters():
-                if not name.startswith("proj."):
-                    p.requires_grad_(True)
-
-
 def stage1_objective(teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, str]:
-    """(objective, where it came from); ``student`` is a private copy whose trainable set is changed."""
-    try:
-        from ..stages.attention import AttentionAlignment, trainable_attention_params
-
-        trainable_attention_params(student, "attention")
-        return AttentionAlignment(teacher, student, train="attention"), "adala.stages.attention.AttentionAlignment"
-    except (ImportError, AttributeError, TypeError):
-        _only_attention_trainable(student)
-        return _LocalAttentionAlignment(teacher, student), "adala.benchmark.train (local minimal)"
+    """(stage 1's own objective, its name); ``student`` is a private copy whose trainable set is changed."""
+    trainable_attention_params(student, "attention")
+    objective = AttentionAlignment(teacher, student, trainable="attention")
+    return objective, "adala.stages.align_attention.AttentionAlignment"
 
 
 def stage2_objective(teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, str]:
+    """(stage 2's own objective, its name), every parameter trainable."""
     for p in student.parameters():
         p.requires_grad_(True)
-    try:
-        from ..stages.features import FeatureAlignment
-
-        return FeatureAlignment(teacher, student, loss="mse"), "adala.stages.features.FeatureAlignment"
-    except (ImportError, AttributeError, TypeError):
-        return _LocalFeatureAlignment(teacher, student), "adala.benchmark.train (local minimal)"
+    return FeatureAlignment(teacher, student, loss="mse"), "adala.stages.align_features.FeatureAlignment"
 
 
 def train_throughput(

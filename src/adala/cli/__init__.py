@@ -53,6 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from .. import __version__
 
     parser = _Parser(prog="adala", description="Linear-attention ViTs from pretrained softmax ViTs (ViT-AdaLA).")
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..runtime import keep_freed_memory
 
     keep_freed_memory()  # commands are whole processes: reuse big freed blocks (see adala.runtime)

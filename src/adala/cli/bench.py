@@ -10,6 +10,7 @@ from .core import parse_keep, parse_options
 
 
 def _ints(value: str, what: str) -> list[int]:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..errors import ConfigError
 
     try:
@@ -42,6 +43,7 @@ def format_table(record: dict) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..benchmark import bench, plot_bench, write_json
     from ..errors import ConfigError
 
@@ -49,6 +51,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError("--attention builds students from --teacher; it cannot be combined with --model")
     teacher_kwargs = parse_options(args.teacher_option)
     if args.model:
+        # lazy: keeps adala --help fast (no training code at parse time)
         from ..models.io import read_config
 
         teacher = args.teacher or read_config(args.model[0]).get("teacher")

@@ -6,12 +6,14 @@ import argparse
 
 
 def _compare(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..compare import compare
     from .core import parse_ints
 
     result = compare(args.teacher, args.attention, args.recipe, args.out, overrides=args.set,
                      resolutions=parse_ints(args.resolutions, "--resolutions"), repeats=args.repeats,
                      memory=args.memory, fresh=args.fresh, log=None if args.quiet else print)
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..compare import to_markdown
 
     print(to_markdown(result), end="")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .. import attention
 
 
 def _teachers(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..models.families import families
     from ..models.teachers import ALIASES, EMBEDDED, teacher_forms
 
@@ -28,6 +30,7 @@ def _teachers(args: argparse.Namespace) -> int:
 
 
 def _recipes(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..configs import describe, packaged
 
     print("packaged recipes (adala run NAME, adala compare --recipe NAME):")
@@ -38,8 +41,10 @@ def _recipes(args: argparse.Namespace) -> int:
 
 def parse_options(items: list[str] | None) -> dict:
     """``--option key=value`` pairs; values parsed as YAML scalars (numbers, booleans)."""
+    # lazy: keeps adala --help fast (no training code at parse time)
     import yaml
 
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..errors import ConfigError
 
     out = {}
@@ -52,6 +57,7 @@ def parse_options(items: list[str] | None) -> dict:
 
 
 def parse_keep(value: str | None, flag: str = "--keep-softmax") -> list[int] | None:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..errors import ConfigError
 
     if not value:
@@ -63,21 +69,29 @@ def parse_keep(value: str | None, flag: str = "--keep-softmax") -> list[int] | N
 
 
 def _linearize(args: argparse.Namespace) -> int:
-    from .. import linearize, load_model, load_teacher, save_model
+    # lazy: adala --help loads no model code
     from ..errors import ConfigError
+    from ..hybrid import hybridize
+    from ..models import linearize, load_model, load_teacher, save_model
 
     keep_blocks = parse_keep(args.keep_blocks, "--keep-blocks")
-    count = args.keep_softmax
+    count, flag = args.keep_worst, "--keep-worst"
+    if args.keep_softmax is not None:  # before 0.2 linearize's --keep-softmax was this count (bench's: indices)
+        if count is not None:
+            raise ConfigError("give --keep-worst, not also its deprecated spelling --keep-softmax")
+        count, flag = args.keep_softmax, "--keep-softmax"
     if count is not None and count != "auto":
         try:
             count = int(count)
         except ValueError:
-            raise ConfigError(f"--keep-softmax expects a block count or 'auto' (got {count!r}); "
+            raise ConfigError(f"{flag} expects a block count or 'auto' (got {count!r}); "
                               "give block indices with --keep-blocks") from None
     if count is not None and keep_blocks is not None:
-        raise ConfigError("give either --keep-softmax (count or auto) or --keep-blocks (indices), not both")
+        raise ConfigError(f"give either {flag} (count or auto) or --keep-blocks (indices), not both")
     if (count == "auto") != (args.speed_budget is not None):
-        raise ConfigError("--keep-softmax auto and --speed-budget SPEEDUP@RES go together")
+        raise ConfigError(f"{flag} auto and --speed-budget SPEEDUP@RES go together")
+    if flag == "--keep-softmax":
+        print("warning: linearize --keep-softmax K|auto is deprecated; use --keep-worst K|auto", file=sys.stderr)
     teacher = load_teacher(args.teacher, allow_pickle=args.allow_pickle)
     if args.student:
         student = load_model(args.student)
@@ -85,26 +99,14 @@ def _linearize(args: argparse.Namespace) -> int:
         student = linearize(teacher, args.attention, keep_softmax=keep_blocks, **parse_options(args.option))
     extra = None
     if count is not None or (args.student and keep_blocks is not None):
-        from .. import hybrid
-
-        info: dict = {"student": args.student}
-        if count is not None:
-            errors = hybrid.block_errors(student, teacher, img_size=args.img_size)
-            info["block_errors"] = errors
-            if count == "auto":
-                speed, res = hybrid.parse_budget(args.speed_budget)
-                plan = hybrid.budget_plan(student, teacher, errors, speed, res)
-                info["budget"] = plan
-                keep_blocks = plan["blocks"]
-                if not plan["met"]:
-                    print(f"warning: even the fully linear student measured {plan['measured_speedup']:.2f}x "
-                          f"< {speed}x at {res}px")
-            else:
-                keep_blocks = hybrid.choose_softmax_blocks(errors, count, hybrid.candidate_blocks(student))
-        info["softmax_blocks"] = keep_blocks
-        student = hybrid.make_hybrid(student, keep_blocks)
-        extra = {"hybrid": info}
-        print("softmax blocks: " + (",".join(map(str, keep_blocks)) or "none"))
+        student, info = hybridize(student, teacher, keep_worst=count, keep_blocks=None if count is not None
+                                  else keep_blocks, speed_budget=args.speed_budget, img_size=args.img_size)
+        plan = info.get("budget")
+        if plan and not plan["met"]:
+            print(f"warning: even the fully linear student measured {plan['measured_speedup']:.2f}x "
+                  f"< {plan['target_speedup']}x at {plan['resolution']}px")
+        extra = {"hybrid": {"student": args.student, **info}}
+        print("softmax blocks: " + (",".join(map(str, info["softmax_blocks"])) or "none"))
     out = save_model(student, args.out, extra=extra)
     n = sum(p.numel() for p in student.parameters())
     kind = student.adala_config["attention"]["kind"]
@@ -127,11 +129,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", default=None, metavar="DIR",
                    help="start from this linearized student (e.g. a stage-1 output) instead of a fresh swap "
                         "(default: swap the teacher)")
-    p.add_argument("--keep-softmax", default=None, metavar="K|auto",
+    p.add_argument("--keep-worst", default=None, metavar="K|auto",
                    help="keep exact softmax in the K blocks with the largest attention error (held-out photos); "
                         "auto: as many as --speed-budget allows (default: none)")
+    p.add_argument("--keep-softmax", default=None, metavar="K|auto",
+                   help="deprecated spelling of --keep-worst (default: none)")
     p.add_argument("--speed-budget", default=None, metavar="SPEEDUP@RES",
-                   help="with --keep-softmax auto: minimum speed-up vs the teacher at RES px, e.g. 2.0@896 "
+                   help="with --keep-worst auto: minimum speed-up vs the teacher at RES px, e.g. 2.0@896 "
                         "(default: none)")
     p.add_argument("--keep-blocks", default=None, metavar="I,J",
                    help="block indices that keep exact softmax (default: none)")
@@ -143,6 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_ints(value: str, flag: str) -> list[int]:
     """``224,448`` -> [224, 448]; a one-line error naming the flag otherwise."""
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..errors import ConfigError
 
     try:

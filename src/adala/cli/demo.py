@@ -3,44 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 
-def default_config() -> Path:
-    """The packaged ``demo`` recipe: found from any directory, editable install or not."""
-    from ..configs import resolve
-
-    return resolve("demo")
-
-
-def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int] = (224, 448, 896),
-             repeats: int = 3, memory: bool = True, pca_size: int = 896) -> Path:
-    """Recipe -> bench (teacher vs the stage-2 student) -> report; returns the report path."""
-    from ..benchmark import bench, write_json
-    from ..recipes import run_recipe
-    from ..report import write_report
-
-    t0 = time.perf_counter()
-    summary = run_recipe(config, out, fresh=fresh)
-    bench_file = out / "bench.json"
-    student_dir = out / "stage2"
-    if fresh or not bench_file.is_file():
-        print(f"[bench] teacher vs stage-2 student at {', '.join(map(str, resolutions))} px (batch 1, CPU)")
-        record = bench(summary["teacher"], students={"student": str(student_dir)}, resolutions=resolutions,
-                       repeats=repeats, memory=memory, progress=print)
-        record["command"] = f"adala bench --teacher {summary['teacher']} --model {student_dir} --resolutions " \
-                            + ",".join(map(str, resolutions))
-        write_json(record, bench_file)
-    commands = ["make demo", f"adala demo --config {config} --out {out}"]
-    report = write_report(out, commands=commands, config_text=Path(config).read_text(), pca_size=pca_size)
-    (out / "demo_time.json").write_text(json.dumps({"wall_time_s": round(time.perf_counter() - t0, 1)}) + "\n")
-    return report
-
-
 def _demo(args: argparse.Namespace) -> int:
+    # lazy: adala --help loads no training code
     from ..configs import resolve
+    from ..demo import default_config, run_demo
     from .core import parse_ints
 
     config = resolve(args.config) if args.config else default_config()

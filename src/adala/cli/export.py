@@ -8,6 +8,7 @@ FORMATS = ("onnx",)
 
 
 def _export(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..errors import ConfigError
     from ..models import load_teacher
     from ..models.export import export_onnx
@@ -24,6 +25,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..models.export import DEFAULT_ATOL
 
     p = sub.add_parser("export", help="export forward_features to ONNX, verified against PyTorch in onnxruntime")

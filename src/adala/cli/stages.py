@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# the choices of each flag, declared once beside the code that checks them (the recipes' schema reads them too)
+from ..evaluation import TASKS as EVAL_TASKS
+from ..stages.align_attention import TRAINABLE
+from ..stages.align_features import LOSSES
+from ..stages.finetune import TASKS as FINETUNE_TASKS
+from ..train.loop import AMP_MODES, DEVICES
+
 
 def _train_kwargs(args: argparse.Namespace) -> dict:
     """The TrainConfig options given on the command line (unset ones keep the engine's defaults)."""
@@ -28,9 +35,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="clip the gradient norm to this value (default 1.0)")
     g.add_argument("--accum-steps", dest="accum_steps", type=int, default=None,
                    help="micro-batches accumulated per optimiser step (default 1)")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+    g.add_argument("--amp", choices=list(AMP_MODES), default=None,
                    help="mixed precision (default auto: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+    g.add_argument("--device", choices=DEVICES, default=None,
                    help="where to train (default auto: CUDA when available)")
     g.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=None,
                    help="checkpoint every N steps (default 0: only at the end)")
@@ -57,6 +64,7 @@ def _data(specs: list[str] | None) -> str | list[str]:
 
 def _check_out(path: str, resume: bool) -> None:
     """Refuse to train over a finished stage unless resuming: nothing gets overwritten by mistake."""
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..errors import ConfigError
 
     p = Path(path)
@@ -77,12 +85,13 @@ def _print_metrics(result, keys: tuple[str, ...] = ()) -> None:
 
 
 def _align_attention(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..stages import align_attention
 
     _check_out(args.out, args.resume)
     r = align_attention(args.teacher, args.student, attention=args.attention, data=_data(args.data),
                         img_size=args.img_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        train=args.train, out=args.out, force=args.force, **_train_kwargs(args))
+                        trainable=args.trainable, out=args.out, force=args.force, **_train_kwargs(args))
     blocks = sorted((k for k in r.metrics if k.startswith("loss/block_")), key=lambda k: int(k.split("_")[-1]))
     _print_metrics(r, ("loss",))
     if blocks:
@@ -91,17 +100,19 @@ def _align_attention(args: argparse.Namespace) -> int:
 
 
 def _align_features(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..stages import align_features
 
     _check_out(args.out, args.resume)
     r = align_features(args.teacher, args.student, data=_data(args.data), img_size=args.img_size, steps=args.steps,
-                       batch_size=args.batch_size, lr=args.lr, loss=args.loss, train=args.train, out=args.out,
+                       batch_size=args.batch_size, lr=args.lr, loss=args.loss, trainable=args.trainable, out=args.out,
                        force=args.force, **_train_kwargs(args))
     _print_metrics(r, ("loss", "mse", "cosine"))
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..stages import finetune
 
     _check_out(args.out, args.resume)
@@ -151,6 +162,7 @@ def _table(result: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..evaluation import evaluate
 
     result = evaluate(args.model, task=args.task, data=args.data, img_size=args.img_size, teacher=args.teacher,
@@ -162,6 +174,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..recipes import headline, load_recipe, run_recipe
 
     recipe = load_recipe(args.config, args.set)
@@ -191,7 +204,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=300, help="optimiser steps")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--train", choices=["attention", "attention+proj", "all"], default="attention",
+    p.add_argument("--trainable", "--train", dest="trainable", choices=TRAINABLE, default="attention",
                    help="what stage 1 trains: q/k/v (+ the kind's own parameters), plus proj, or also norm1")
     p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
@@ -207,9 +220,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=300, help="optimiser steps")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="images per step")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--loss", choices=["mse", "cosine", "mse+cosine", "cosine+smooth-l1"], default="mse",
+    p.add_argument("--loss", choices=LOSSES, default="mse",
                    help="feature loss on the final tokens")
-    p.add_argument("--train", choices=["all", "attention", "attention+proj"], default="all",
+    p.add_argument("--trainable", "--train", dest="trainable", choices=TRAINABLE, default="all",
                    help="what stage 2 trains")
     p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
@@ -217,7 +230,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("finetune", help="stage 3: classification / linear probe / segmentation head")
     p.add_argument("--model", required=True, help="model directory or teacher spec")
-    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation"], default="classification",
+    p.add_argument("--task", choices=FINETUNE_TASKS, default="classification",
                    help="head to train")
     p.add_argument("--data", required=True, help="labelled data spec (fashion-mnist, folder:PATH, ...)")
     p.add_argument("--img-size", dest="img_size", type=int, default=224,
@@ -243,8 +256,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="top-1 / mIoU, and fidelity to a teacher")
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--task", choices=["classification", "linear-probe", "segmentation", "features",
-                                      "correspondence"], required=True,
+    p.add_argument("--task", choices=EVAL_TASKS, required=True,
                    help="what to score (features: fidelity to --teacher; correspondence: patch matching vs --teacher)")
     p.add_argument("--data", required=True, help="data spec to score on (fashion-mnist:test, folder:PATH, ...)")
     p.add_argument("--img-size", dest="img_size", type=_sizes, default=224,
@@ -252,7 +264,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="also measure fidelity to this teacher (default: none)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="images per forward")
     p.add_argument("--length", type=int, default=None, help="score the first N items (default: all)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+    p.add_argument("--device", choices=DEVICES, default=None,
                    help="where to run (default auto: CUDA when available)")
     p.add_argument("--out", default=None, help="write the scores to this JSON file (default: print only)")
     p.set_defaults(func=_evaluate)
@@ -271,6 +283,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_checked(args: argparse.Namespace) -> int:
+    # lazy: keeps adala --help fast (no training code at parse time)
     from ..errors import ConfigError
 
     if not args.check and not args.out:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -10,6 +13,8 @@ from ..errors import DataError
 from .transforms import SALT_AUG, SALT_SUBSET, ImageTransform, item_generator
 
 TASKS = ("unlabeled", "classification", "segmentation")
+# The label of a segmentation pixel that belongs to no class (VOC's border value): losses and metrics skip it.
+IGNORE_INDEX = 255
 # The subset permutation ignores ``seed`` on purpose: a ``length``-capped eval set is then the same images
 # in every run, whatever the training seed.
 _SUBSET_SEED = 20240917
@@ -100,8 +105,6 @@ class SkipRecorder:
         self.skipped.append((path, reason))
         if self.sink is None:
             return
-        import json
-        import os
 
         line = (json.dumps({"path": path, "reason": reason}) + "\n").encode()
         try:

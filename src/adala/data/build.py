@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from ..errors import DataError
 from .base import TASKS
+from .digits import Digits
+from .fashion_mnist import FashionMNIST, _find_files
+from .fashion_seg import FashionMNISTSeg
+from .folder import FolderDataset, _image_files
+from .photos import PhotosDataset, pool_sources
+from .shards import build_wds
 
 SPEC_FORMS = ("photos[:train|:heldout], wallpapers[:train|:heldout], backgrounds, heldout, digits[:train|:test], "
               "fashion-mnist[:train|:test], "
@@ -90,7 +97,6 @@ def build_dataset(
         chosen = (arg or split or "").lower()
         if chosen and chosen not in _PHOTO_SPLITS:
             raise DataError(f"unknown {kind} split {chosen!r}; use train or heldout")
-        from .photos import PhotosDataset
 
         held = heldout_spec(Spec(kind, chosen or None))
         if train and held:
@@ -100,29 +106,23 @@ def build_dataset(
     if kind == "fashion-mnist":
         if task == "segmentation":
             raise DataError("fashion-mnist is a classification set; use fashion-mnist-seg for segmentation")
-        from .fashion_mnist import FashionMNIST
 
         split_ = arg or split or ("train" if train else "test")
         return FashionMNIST(split=split_, task=task, train=train, **common)
     if kind == "digits":
         if task == "segmentation":
             raise DataError("digits is a classification set")
-        from .digits import Digits
 
         return Digits(split=arg or split or ("train" if train else "test"), task=task, train=train, **common)
     if kind in ("fashion-mnist-seg", "fashion-mnist-seg-large"):
         if task == "classification":
             raise DataError(f"{kind} is a segmentation set; use fashion-mnist for classification")
-        from .fashion_seg import FashionMNISTSeg
 
         split_ = arg or split or ("train" if train else "test")
         grid = LARGE_SEG_GRID if kind.endswith("-large") else 3
         return FashionMNISTSeg(split=split_, task=task, train=train, grid=grid, **common)
     if kind == "folder":
-        from .folder import FolderDataset
-
         return FolderDataset(arg, task=task, train=train, split=split, **common)
-    from .shards import build_wds
 
     return build_wds(arg, task=task, train=train, **common)  # type: ignore[arg-type]
 
@@ -131,8 +131,6 @@ def describe(spec: str) -> str:
     """One cheap line about what ``spec`` points at (no image decoding)."""
     kind, arg = parse_spec(spec)
     if kind in ("photos", "wallpapers", "backgrounds", "heldout"):
-        from .photos import pool_sources
-
         held = heldout_spec(Spec(kind, arg))
         names = [n for n, _ in pool_sources(kind, held)]
         what = {"photos": "bundled real photographs", "wallpapers": "Debian wallpapers (photographs + artwork)",
@@ -142,21 +140,18 @@ def describe(spec: str) -> str:
     if kind == "digits":
         return f"digits: scikit-learn handwritten digits {arg or 'train/test'} (1200 / 597 images, 8x8)"
     if kind in ("fashion-mnist", "fashion-mnist-seg", "fashion-mnist-seg-large"):
-        from .fashion_mnist import _find_files
-
         files = _find_files(arg or "train")
         where = f"from {files[0].parent}" if files else "NOT FOUND (apt-get install dataset-fashion-mnist)"
         what = "10-class classification" if kind == "fashion-mnist" else "11-class segmentation canvases"
         return f"{kind}: Fashion-MNIST {arg or 'train/test'} {what}, {where}"
     if kind == "folder":
-        from pathlib import Path
 
-        from .folder import _image_files
 
         root = Path(arg).expanduser()  # type: ignore[arg-type]
         if not root.is_dir():
             return f"folder: {root} (missing)"
         return f"folder: {root}, {len(_image_files(root))} image files"
+    # lazy: optional dependency: webdataset (wds: specs only)
     from webdataset.shardlists import expand_urls
 
     return f"wds: {len(expand_urls(arg))} shards matching {arg}"

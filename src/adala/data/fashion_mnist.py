@@ -67,6 +67,7 @@ def _find_files(split: str) -> tuple[Path, Path] | None:
 
 def _download(split: str) -> None:
     """torchvision's downloader (needs internet); raises on any failure."""
+    # lazy: torchvision's dataset code loads only for this source
     from torchvision.datasets import FashionMNIST
 
     FashionMNIST(str(_download_root()), train=split == "train", download=True)

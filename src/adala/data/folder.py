@@ -20,11 +20,10 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .base import SeededDataset, SkipRecorder
+from .base import IGNORE_INDEX, SeededDataset, SkipRecorder
 from .images import ImageReadError, check_image, is_image_file, load_label_map, load_rgb
 from .transforms import ImageTransform, to_chw_uint8
 
-IGNORE_INDEX = 255
 _MASK_MODE = "single-channel label map"  # in load_label_map's error for an RGB/RGBA/... mask
 
 

@@ -117,9 +117,11 @@ def pool_sources(collection: str, heldout: bool) -> list[tuple[str, Path]]:
     if collection == "backgrounds":
         if heldout:
             raise DataError("backgrounds is train-only; the held-out photographs are 'heldout'")
+        # lazy: a collection's files are listed only when that collection is asked for
         from .backgrounds import background_files
 
         return list(background_files().items())
+    # lazy: a collection's files are listed only when that collection is asked for
     from .wallpapers import wallpaper_files
 
     files = wallpaper_files()

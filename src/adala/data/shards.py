@@ -86,6 +86,7 @@ def build_wds(
     seed: int = 0,
     length: int | None = None,
 ) -> torch.utils.data.IterableDataset:
+    # lazy: optional dependency: webdataset (wds: specs only)
     import webdataset as wds
     from webdataset.shardlists import expand_urls
 

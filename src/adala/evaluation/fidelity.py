@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.families import family_of
+from ..models.recorder import TeacherRecorder
+from ..models.resolve import check_pair
 from ..models.surgery import attention_modules, backbone_of
+from ..train.distributed import all_reduce_sum
 
 STRUCTURE_K = 10
 STRUCTURE_QUERIES = 512  # evenly spaced query patches per image: a 1344² image has 9216 patches
@@ -56,8 +59,6 @@ class FidelityMeter:
 
     @torch.no_grad()
     def update(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> None:
-        from ..stages.common import TeacherRecorder
-
         s_vit, t_vit = backbone_of(student), backbone_of(teacher)
         rec = TeacherRecorder(t_vit)
         try:
@@ -86,8 +87,6 @@ class FidelityMeter:
                                   dtype=torch.float64)
 
     def all_reduce(self) -> None:
-        from ..train.distributed import all_reduce_sum
-
         self.attn, self.sums = all_reduce_sum(self.attn), all_reduce_sum(self.sums)
 
     def result(self) -> dict:
@@ -109,8 +108,6 @@ class FidelityMeter:
 def fidelity(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor],
              device: torch.device | str = "cpu") -> dict:
     """Fidelity of ``student`` to ``teacher`` over image batches (tensors or (image, target) pairs)."""
-    from ..stages.common import check_pair
-
     check_pair(teacher, student)
     meter = FidelityMeter(len(attention_modules(student)))
     for batch in batches:

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-IGNORE_INDEX = 255
+from ..data.base import IGNORE_INDEX
+from ..train.distributed import all_reduce_sum
 
 
 class ConfusionMatrix:
@@ -32,8 +33,6 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrix over ranks (a no-op in one process)."""
-        from ..train.distributed import all_reduce_sum
-
         self.mat = all_reduce_sum(self.mat)
 
     @property

@@ -7,19 +7,15 @@ the safetensors header, so any of the three is enough to rebuild the architectur
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import timm
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .families import family_of
 
 FORMAT = "adala-model/1"
-
-# task type -> builder(backbone, task_config) -> module; registered by the fine-tuning stage.
-TASK_BUILDERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
-
 
 def get_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "adala_config", None)
@@ -58,8 +54,6 @@ def build_backbone(cfg: dict[str, Any]) -> nn.Module:
         model = timm.create_model(cfg["arch"], pretrained=False, **cfg.get("timm_kwargs", {}))
     except (KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"cannot build architecture {cfg.get('arch')!r}: {e}") from None
-    from .families import family_of
-
     family_of(model).install(model, cfg.get("pos_embed_antialias", True))
     if cfg.get("layer_norm_eps") is not None:  # e.g. HF ViT's 1e-12; kept out of timm kwargs to stay JSON
         for m in model.modules():
@@ -115,23 +109,3 @@ def validate_config(cfg: Any, where: str) -> dict[str, Any]:
     if task is not None and not isinstance(task.get("type"), str):
         raise bad("task.type", "a string", task.get("type"))
     return cfg
-
-
-def build_model(cfg: dict[str, Any]) -> nn.Module:
-    """Architecture (teacher → attention swap → task head) from a config, weights not loaded."""
-    from .surgery import linearize_blocks
-
-    validate_config(cfg, "model config")
-    model = build_backbone(cfg)
-    set_config(model, {**cfg, "attention": None, "task": None})
-    att = cfg.get("attention")
-    if att:
-        model = linearize_blocks(model, att["blocks"], att.get("options", {}), inplace=True)
-    task = cfg.get("task")
-    if task:
-        from .. import stages  # noqa: F401  (registers task builders)
-
-        if task["type"] not in TASK_BUILDERS:
-            raise CheckpointError(f"unknown task head {task['type']!r} in config")
-        model = TASK_BUILDERS[task["type"]](model, task)
-    return set_config(model, cfg)

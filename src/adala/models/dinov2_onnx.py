@@ -41,6 +41,7 @@ def onnx_path() -> Path:
 
 
 def _array(init) -> np.ndarray:
+    # lazy: optional dependency: onnx/onnxruntime
     from onnx import numpy_helper
 
     return numpy_helper.to_array(init).astype(np.float32)
@@ -48,6 +49,7 @@ def _array(init) -> np.ndarray:
 
 def convert_onnx(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """Return a timm ``vit_small_patch14_dinov2`` state dict from the ONNX graph's initializers."""
+    # lazy: optional dependency: onnx/onnxruntime
     import onnx
 
     model = onnx.load(str(path or onnx_path()))

@@ -136,6 +136,7 @@ def _first_line(e: Exception) -> str:
 
 def _session(path: Path):
     try:
+        # lazy: optional dependency: onnx/onnxruntime
         import onnxruntime as ort
     except ImportError:
         raise ExportError("checking the export needs onnxruntime: pip install onnxruntime (or adala[export])") from None

@@ -3,7 +3,7 @@ timm architecture, behind one small interface, so adding a family is one ``famil
 
 Everything architecture-specific the rest of adala touches goes through a :class:`Family`: which module is
 the backbone, its blocks and their softmax attentions, how a linear kind is built from one of them, how a
-block's attention input is formed from the block's input (stage 1 with ``train="all"``), the final tokens
+block's attention input is formed from the block's input (stage 1 with ``trainable="all"``), the final tokens
 stage 2 aligns, the pooled and grid features stage 3's heads read, the token layout the FLOP counter needs
 and the kwargs a teacher is built with. Stage code never branches on the architecture.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm.models
 import torch
 from torch import nn
 
@@ -74,7 +75,7 @@ class Family:
 
     # ---------------------------------------------------------------- stages
     def attention_input(self, block: nn.Module, block_in: torch.Tensor) -> torch.Tensor:
-        """What ``block.attn`` receives when the block is fed ``block_in`` (stage 1, ``train="all"``)."""
+        """What ``block.attn`` receives when the block is fed ``block_in`` (stage 1, ``trainable="all"``)."""
         return block.norm1(block_in)
 
     def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,7 @@ def families() -> list[Family]:
 
 def _load() -> None:
     if not _FAMILIES:
+        # lazy: cycle: the family modules import this one to register
         from . import family_vit  # noqa: F401, I001  (registration side effects; ViT first: listed first)
         from . import family_eva, family_sam  # noqa: F401
 
@@ -163,7 +165,6 @@ def family_of(model: nn.Module) -> Family:
 
 def family_for_timm(name: str) -> Family | None:
     """The family whose timm module defines model ``name`` (before building it), or None (the ViT default)."""
-    import timm.models
 
     try:
         module = timm.models.model_entrypoint(name.split(".")[0]).__module__

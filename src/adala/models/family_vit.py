@@ -14,7 +14,9 @@ from torch import nn
 
 from .. import attention as attention_registry
 from ..attention.base import KernelAttention
+from ..attention.grid import attach_patch_grid
 from .families import Family, register_family
+from .pos_embed import use_cached_pos_embed
 
 
 class VitFamily(Family):
@@ -34,8 +36,6 @@ class VitFamily(Family):
         return "dinov2" not in name  # DINOv2 checkpoints were trained with antialias-free resampling
 
     def install(self, model: nn.Module, antialias: bool) -> nn.Module:
-        from .pos_embed import use_cached_pos_embed
-
         return use_cached_pos_embed(model, antialias)
 
     def attention_types(self) -> tuple[type, ...]:
@@ -48,8 +48,6 @@ class VitFamily(Family):
         return new
 
     def after_surgery(self, model: nn.Module) -> None:
-        from ..attention.window_hybrid import attach_patch_grid
-
         attach_patch_grid(model)  # kinds that work on the 2-D patch grid learn its true (non-square) size
 
 

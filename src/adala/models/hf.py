@@ -298,6 +298,7 @@ def to_timm(model: nn.Module, spec: str | None = None,
     set_config(vit, cfg)
     kinds = hf_attention.kinds_of(tower)
     if any(k != "softmax" for k in kinds):
+        # lazy: cycle: surgery imports this module
         from .surgery import linearize_blocks
 
         vit = linearize_blocks(vit, kinds, inplace=True)
@@ -313,6 +314,7 @@ def _processor_mean_std(name: str, local: bool) -> tuple[Any, Any] | None:
         if local:
             path = Path(name) / "preprocessor_config.json"
         else:
+            # lazy: optional dependency: transformers (seconds to import)
             from transformers.utils import cached_file
 
             path = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
@@ -336,6 +338,7 @@ def load_hf(name: str, pretrained: bool = True, **options: Any) -> nn.Module:
         raise CheckpointError(f"{path} has no config.json (expected a directory written by save_pretrained)")
     if not local and (name.startswith((".", "/", "~")) or path.exists()):
         raise CheckpointError(f"hf:{name}: no such directory")
+    # lazy: optional dependency: transformers (seconds to import)
     import transformers
 
     from .teachers import _offline_unless_reachable
@@ -344,6 +347,7 @@ def load_hf(name: str, pretrained: bool = True, **options: Any) -> nn.Module:
     offline = False
     try:
         with _offline_unless_reachable(not local):
+            # lazy: optional dependency: transformers (seconds to import)
             import huggingface_hub.constants as hf_constants
 
             offline = bool(hf_constants.HF_HUB_OFFLINE)
@@ -449,6 +453,7 @@ def save_hf(student: nn.Module, out_dir: str | os.PathLike, like: Any = None,
     """
     import transformers  # lazy: optional dependency
 
+    # lazy: cycle: surgery imports this module
     from .surgery import backbone_of, block_kinds
 
     cfg = get_config(student)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention.kernels import DEFAULT_EPS, FEATURE_MAPS, linear_attention
+from ..attention.ops import DEFAULT_EPS, FEATURE_MAPS, linear_attention
 from ..errors import ConfigError, UnsupportedModelError
 
 PREFIX = "adala-"
@@ -65,6 +65,7 @@ def _attention_fn(kind: str) -> Callable[..., tuple[torch.Tensor, None]]:
         student); a mask would mean a causal or padded sequence, which non-causal linear attention cannot honour.
         """
         if getattr(module, "adala_softmax", False):
+            # lazy: optional dependency: transformers (seconds to import)
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -109,6 +110,7 @@ def _check(kind: str, options: dict[str, Any]) -> None:
         raise UnsupportedModelError("a Hugging Face model runs softmax by itself: load it with "
                                     "attn_implementation='sdpa' (or model.set_attn_implementation('sdpa'))")
     if kind not in KINDS:
+        # lazy: cycle: attention kinds are built by models that import this module
         from .. import attention
 
         attention.get(kind)  # unknown names: UnknownAttentionError with the list
@@ -126,6 +128,7 @@ def set_attention(model: nn.Module, kind: str, keep_softmax: list[int] | None = 
     _check(kind, {})
     mods = attention_modules(model)
     if not mods:
+        # lazy: optional dependency: transformers (seconds to import)
         from .hf import supported_classes
 
         raise UnsupportedModelError(

@@ -10,17 +10,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import __version__
 from ..errors import CheckpointError
-from .config import FORMAT, build_model, get_config, validate_config
-from .weights import atomic_write_text, load_tensors, save_tensors
+from ..files import atomic_write_text
+from .config import FORMAT, build_backbone, get_config, set_config, validate_config
+from .heads import TASK_BUILDERS
+from .surgery import linearize_blocks
+from .weights import load_tensors, save_tensors, sha256_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "adala.json"
 
 
-def _version() -> str:
-    from .. import __version__
 
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    """Architecture (teacher → attention swap → task head) from a config, weights not loaded."""
+    validate_config(cfg, "model config")
+    model = build_backbone(cfg)
+    set_config(model, {**cfg, "attention": None, "task": None})
+    att = cfg.get("attention")
+    if att:
+        model = linearize_blocks(model, att["blocks"], att.get("options", {}), inplace=True)
+    task = cfg.get("task")
+    if task:
+        if task["type"] not in TASK_BUILDERS:
+            raise CheckpointError(f"unknown task head {task['type']!r} in config")
+        model = TASK_BUILDERS[task["type"]](model, task)
+    return set_config(model, cfg)
+
+def _version() -> str:
     return __version__
 
 
@@ -82,8 +100,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     cfg = read_config(p)
     sd = load_tensors(p / WEIGHTS)
     if cfg.get("sha256") and (p / (WEIGHTS + ".sha256")).is_file() is False:
-        from .weights import sha256_file
-
         if sha256_file(p / WEIGHTS) != cfg["sha256"]:
             raise CheckpointError(f"{p / WEIGHTS} is corrupt (checksum mismatch)")
     model = build_model(cfg)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .. import attention as attention_registry
-from ..attention.base import KernelAttention
+from ..attention.base import KernelAttention, is_linear
 from ..errors import ConfigError, UnsupportedModelError
 from . import hf
 from .config import get_config, set_config
@@ -48,6 +48,11 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 def block_kinds(model: nn.Module) -> list[str]:
     return [getattr(a, "kind", "softmax") for a in attention_modules(model)]
+
+
+def linear_blocks(model: nn.Module) -> list[int]:
+    """Indices of the blocks whose attention is a linear kind (see ``attention.base.is_linear``)."""
+    return [i for i, a in enumerate(attention_modules(model)) if is_linear(a)]
 
 
 def linearize_blocks(
@@ -105,6 +110,7 @@ def linearize(
     flag costs nothing; ``model`` itself is left untouched.
     """
     if hf.is_hf_model(model):
+        # lazy: optional dependency: transformers (seconds to import)
         from .hf_attention import linearize_hf
 
         return linearize_hf(model, attention, keep_softmax, **options)

@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..errors import CheckpointError, OfflineError, UnknownTeacherError, UnsupportedModelError
 from ..paths import cache_dir
 from . import dinov2_onnx
-from .config import build_backbone, set_config, teacher_config
-from .io import CONFIG, load_model, load_state_exact
+from .config import build_backbone, set_config, teacher_config, validate_config
+from .families import family_for_timm, family_of, supported
+from .io import CONFIG, build_model, load_model, load_state_exact
 from .weights import load_pickle_weights, load_tensors, refuse_pickle, save_tensors
 
 log = logging.getLogger(__name__)
@@ -82,13 +85,12 @@ def _embedded_dinov2_s14() -> nn.Module:
 
 
 def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    from .families import family_for_timm, family_of, supported
-
     base = name.split(".")[0]
     if not timm.is_model(base):
         raise UnknownTeacherError(f"timm has no model {name!r} (see timm.list_models())")
     fam = family_for_timm(name)
     if fam is None:  # ViTs also come from other timm modules (deit, hybrids): try the ViT defaults
+        # lazy: cycle: the family modules import this one to register
         from .family_vit import VIT as default
     else:
         default = fam
@@ -118,9 +120,7 @@ def _timm_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 def _probe_family(name: str, kw: dict[str, Any], unknown_module: bool) -> None:
     """Build the architecture on the meta device (no memory, no weights, no network) so an unsupported one
     fails in one line naming the supported families before any download is tried."""
-    import torch
 
-    from .families import family_of, supported
 
     try:
         with torch.device("meta"):
@@ -148,6 +148,7 @@ def _offline_unless_reachable(pretrained: bool, host: str = "huggingface.co"):
     if not offline:
         yield
         return
+    # lazy: optional dependency: transformers (seconds to import)
     import huggingface_hub.constants as hf_constants
 
     old = hf_constants.HF_HUB_OFFLINE
@@ -166,7 +167,7 @@ def _timm_saved(path: Path, weights: Path, allow_pickle: bool) -> nn.Module:
     arch = tcfg.get("architecture")
     if not arch:
         raise CheckpointError(f"{cfg_file} has no 'architecture' field")
-    from .families import family_for_timm
+    # lazy: cycle: the family modules import this one to register
     from .family_vit import VIT
 
     fam = family_for_timm(arch) or VIT
@@ -186,7 +187,6 @@ def _local(path: Path, allow_pickle: bool) -> nn.Module:
     if path.suffix != ".safetensors" and not allow_pickle:
         refuse_pickle(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), "pt") as f:
@@ -194,8 +194,6 @@ def _local(path: Path, allow_pickle: bool) -> nn.Module:
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
         if "adala_config" in meta:
-            from .config import build_model, validate_config
-
             try:
                 cfg = json.loads(meta["adala_config"])
             except ValueError as e:
@@ -219,6 +217,7 @@ def load_teacher(spec: str = "dinov2-s14", pretrained: bool = True, allow_pickle
     elif spec.startswith("timm:"):
         model = _timm_teacher(spec[5:], pretrained, **timm_kwargs)
     elif spec.startswith("hf:"):
+        # lazy: optional dependency: transformers (seconds to import)
         from .hf import load_hf
 
         model = load_hf(spec[3:], pretrained, **timm_kwargs)

@@ -18,30 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_positive
+from ..data.base import IGNORE_INDEX
+from ..data.model_datasets import dataset
 from ..errors import ConfigError, DataError
+from ..evaluation import evaluate
+from ..files import write_json
 from ..models.config import get_config, set_config
 from ..models.families import family_of
+from ..models.heads import CLASSIFICATION_HEADS, SEGMENTATION_HEADS, task_config, wrap
+from ..models.resolve import as_model, check_img_size, trainable_copy
 from ..models.surgery import backbone_of
-from .common import (
-    StageResult,
-    as_model,
-    check_fits,
-    check_img_size,
-    check_positive,
-    claim_output,
-    dataset,
-    eval_batches,
-    finish,
-    finished_result,
-    is_finished,
-    out_dir,
-    pick_device,
-    stage_options,
-    train_config,
-    trainable_copy,
-    write_json,
-)
-from .heads import CLASSIFICATION_HEADS, IGNORE_INDEX, SEGMENTATION_HEADS, task_config, wrap
+from ..outdir import claim_output, is_finished, out_dir
+from ..train.devices import check_fits, pick_device
+from ..train.distributed import is_main, world_size
+from ..train.loop import train as run_training
+from ..train.loop import train_config
+from ..train.sampler import eval_batches
+from .result import StageResult, finish, finished_result, stage_options
 
 TASKS = ("classification", "linear-probe", "segmentation")
 CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -146,7 +140,6 @@ def _steps_for(epochs: Any, steps: Any, n: int | None, batch_size: int, accum: i
     check_positive(epochs, "epochs")
     if n is None:
         raise ConfigError("streaming data has no length: give steps instead of epochs")
-    from ..train.distributed import world_size
 
     per_epoch = max(1, n // (batch_size * world_size() * accum))
     return max(1, math.ceil(epochs * per_epoch))
@@ -175,9 +168,6 @@ def finetune(
     """Stage 3. ``model`` is a backbone (any stage's output, or a teacher) or a task model (its backbone
     gets a new head). ``epochs`` (default per task) or ``steps``; ``eval_data`` adds test scores to the metrics.
     """
-    from ..evaluation import evaluate
-    from ..train.loop import train as run_training
-
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     task_type = "segmentation" if task == "segmentation" else "classification"
@@ -261,6 +251,4 @@ def finetune(
 
 
 def _is_main() -> bool:
-    from ..train.distributed import is_main
-
     return is_main()

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..models.weights import atomic_write_text, load_tensors, save_tensors, sha256_file
+from ..files import atomic_write_text, dumps
+from ..models.weights import load_tensors, save_tensors, sha256_file
 
 FORMAT = "adala-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -57,42 +57,16 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-# --- JSON with tuples preserved (optimizer betas) -------------------------------------------------------
-
-def _encode(obj: Any) -> Any:
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(x) for x in obj]}
-    if isinstance(obj, list):
-        return [_encode(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): _encode(v) for k, v in obj.items()}
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def decode_json(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__tuple__"}:
-            return tuple(decode_json(x) for x in obj["__tuple__"])
-        return {k: decode_json(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [decode_json(x) for x in obj]
-    return obj
-
+# --- JSON with tuples preserved (optimizer betas), in adala's one encoding (adala.files) -----------------
 
 def plain(obj: Any) -> Any:
     """The JSON round trip of ``obj``, for comparing a live value with its saved form."""
-    return json.loads(json.dumps(_encode(obj), default=str))
+    return json.loads(dumps(obj, tuples=True))
 
 
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(_encode(obj), f, indent=1, sort_keys=True, default=str)
+        f.write(dumps(obj, indent=1, sort_keys=True, tuples=True))
         f.flush()
         os.fsync(f.fileno())
 

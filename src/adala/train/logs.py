@@ -12,25 +12,15 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ..files import dumps
 from . import distributed as dist
 
 LOG_NAME = "log.jsonl"
 log = logging.getLogger("adala.train")
 _unwritable: set[str] = set()  # log files already reported: one line per file, not one per record
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def log_event(out_dir: str | Path, record: dict) -> None:
@@ -41,9 +31,9 @@ def log_event(out_dir: str | Path, record: dict) -> None:
     if not dist.is_main():
         return
     path = Path(out_dir) / LOG_NAME
-    rec = {k: _jsonable(v) for k, v in record.items()}
+    rec = dict(record)
     rec.setdefault("time", round(time.time(), 3))
-    line = json.dumps(rec, default=str) + "\n"
+    line = dumps(rec) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
@@ -75,6 +65,7 @@ class TensorBoard:
     def __init__(self, out_dir: Path, purge_step: int | None = None):
         self.writer = None
         try:
+            # lazy: optional dependency: tensorboard
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # tensorboard is a dependency, but logging must not stop a run
             warnings.warn(f"TensorBoard logging disabled: {e}", RuntimeWarning, stacklevel=2)

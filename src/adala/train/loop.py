@@ -8,6 +8,7 @@ stage gets them identically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,12 +17,14 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checks import check_positive
 from ..data.base import set_skip_sink
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from . import distributed as dist
@@ -39,6 +42,7 @@ from .schedule import build_optimizer, build_scheduler, trainable_parameters
 from .state import RunState, seed_all
 
 AMP_MODES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+DEVICES = ("auto", "cpu", "cuda")
 
 log = logging.getLogger("adala.train")
 
@@ -77,10 +81,22 @@ class TrainConfig:
             bad.append(f"grad_clip={self.grad_clip} (positive, or 0/None for no clipping)")
         if self.amp not in AMP_MODES:
             bad.append(f"amp={self.amp!r} (one of {', '.join(AMP_MODES)})")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             bad.append(f"device={self.device!r} (auto, cpu or cuda)")
         if bad:
             raise ConfigError("invalid training config: " + "; ".join(bad))
+
+
+def train_config(*, steps: int, batch_size: int, lr: float, train_kwargs: dict[str, Any]):
+    """A TrainConfig; unknown keyword arguments are named in a ConfigError rather than ignored."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "batch_size", "lr"}
+    unknown = sorted(set(train_kwargs) - names)
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    check_positive(steps, "steps")
+    check_positive(batch_size, "batch_size")
+    check_positive(lr, "lr", float)
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=float(lr), **train_kwargs)
 
 
 @dataclass

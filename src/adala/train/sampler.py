@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from ..errors import DataError
+from .distributed import rank, world_size
 
 _SALT = 0x5A3B1E  # keeps these permutations independent of other users of (seed, epoch)
 
@@ -121,3 +122,17 @@ class BatchStream:
                     break
                 self.epoch, self.batch, self._it = self.epoch + 1, 0, None
         raise DataError("the training dataset yielded no complete batch")
+
+
+def eval_batches(ds, batch_size: int, shard: bool = True, num_workers: int = 0):
+    """Deterministic, in-order batches; with ``shard`` each rank takes every world_size-th item.
+    ``num_workers`` > 0 decodes the next batches in other processes while the model runs."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    else:
+        idx = list(range(len(ds)))
+        if shard and world_size() > 1:
+            idx = idx[rank():: world_size()]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
+                                             num_workers=num_workers)
+    yield from loader

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
+from ..files import decode_tuples
 from . import distributed as dist
-from .checkpoint import FORMAT, Loaded, decode_json, plain
+from .checkpoint import FORMAT, Loaded, plain
 from .logs import LogWindow
 from .sampler import BatchStream
 
@@ -51,7 +52,7 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         state.setdefault(int(pid), {})[key] = value
     for pid, entry in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(entry)
-    return {"state": state, "param_groups": decode_json(meta["param_groups"])}
+    return {"state": state, "param_groups": decode_tuples(meta["param_groups"])}
 
 
 def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
@@ -192,7 +193,7 @@ class RunState:
                     p.copy_(loaded.optimizer[f"live/{n}"])
         opt = {k: v for k, v in loaded.optimizer.items() if not k.startswith(("param/", "live/"))}
         self.optimizer.load_state_dict(optimizer_from_files(opt, loaded.optimizer_meta))
-        self.scheduler.load_state_dict(decode_json(state["scheduler"]))
+        self.scheduler.load_state_dict(decode_tuples(state["scheduler"]))
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if state["world_size"] != dist.world_size():

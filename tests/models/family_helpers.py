@@ -35,8 +35,8 @@ def heldout(size: int, n: int = 4) -> torch.Tensor:
 
 def stage_losses(teacher, student, x) -> tuple[float, float]:
     """Stage 1's and stage 2's objectives on one fixed batch (per-step training losses see other batches)."""
-    from adala.stages.attention import AttentionAlignment
-    from adala.stages.features import FeatureAlignment
+    from adala.stages.align_attention import AttentionAlignment
+    from adala.stages.align_features import FeatureAlignment
 
     s1 = AttentionAlignment(teacher, student)
     with torch.no_grad():
@@ -59,7 +59,7 @@ def run_stages_and_round_trip(teacher, size: int, tmp_path, lr1: float = 3e-4, l
     after1, before2 = stage_losses(teacher, s1.model, x)
     assert after1 < before1, (before1, after1)
     s2 = align_features(teacher, s1.model, data="photos", img_size=size, steps=10, batch_size=2, lr=lr2,
-                        train=train2, out=tmp_path / "s2", **FAST)
+                        trainable=train2, out=tmp_path / "s2", **FAST)
     _, after2 = stage_losses(teacher, s2.model, x)
     assert after2 < before2, (before2, after2)
     reloaded = adala.load_model(tmp_path / "s2")

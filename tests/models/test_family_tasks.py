@@ -18,10 +18,11 @@ import adala
 from adala import hybrid
 from adala.cli import main
 from adala.errors import ConfigError
+from adala.evaluation import evaluate
 from adala.evaluation.correspondence import patch_tokens
 from adala.models.families import family_of
 from adala.models.surgery import block_kinds
-from adala.stages import ClassificationModel, SegmentationModel, evaluate, finetune
+from adala.stages import ClassificationModel, SegmentationModel, finetune
 
 # family -> (teacher builder, fine-tune size): Eva is built for 64² and fine-tuned at 96² (its RoPE grid and
 # patch grid follow the input); SAM at its 64² (4×4 grid: one global block, one of 2×2 windows)

@@ -119,7 +119,7 @@ def test_sam_kinds_match_the_float64_reference(kind, rel_pos):
 
 
 def test_stages_lower_their_losses_and_save_load_is_bit_exact(tmp_path):
-    # stage 2 on attention+proj: with train="all" Adam's first steps on the neck's LayerNorm2d and the patch
+    # stage 2 on attention+proj: with trainable="all" Adam's first steps on the neck's LayerNorm2d and the patch
     # embedding cost more than 10 steps win back on this 64-wide model (measured: 0.089 -> 0.123)
     reloaded, model = run_stages_and_round_trip(sharpen(tiny_sam()), 64, tmp_path, lr2=3e-4,
                                                 train2="attention+proj")
@@ -134,7 +134,7 @@ def test_stage1_train_all_feeds_windowed_blocks_their_partitioned_input(tmp_path
     teacher = tiny_sam()
     student = adala.linearize(teacher, blocks="all")
     res = align_attention(teacher, student, data="photos", img_size=64, steps=1, batch_size=2, lr=1e-3,
-                          train="all", out=tmp_path / "s1", **FAST)
+                          trainable="all", out=tmp_path / "s1", **FAST)
     assert {"rel_err/block_0", "rel_err/block_1"} <= set(res.metrics)
     assert res.metrics["rel_err/block_0"] < 10
 

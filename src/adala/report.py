@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-from . import figures
+from . import __version__, plotting
+from .data.photos import HELDOUT_PHOTOS, load_photo
+from .evaluation.fidelity import fidelity
+from .files import write_json
+from .models import load_model, load_teacher
+from .train.logs import read_log
 
 PAPER_ABLATION = {"none": 22.92, "stage 1 only": 19.37, "stage 2 only": 52.46, "stage 1 + 2": 55.55}
 # demo recipe stage names: ablation arm -> (model stage, probe stage, segmentation stage)
@@ -70,8 +75,6 @@ def _metric_path(summary: dict, stage: str, *keys: str) -> list[Any] | None:
 
 
 def _loss_curve(run: Path, stage: str) -> tuple[list[int], list[float]]:
-    from ..train.logs import read_log
-
     rows = [r for r in read_log(run / stage) if "loss" in r and "step" in r]
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
@@ -83,11 +86,6 @@ def _bench_rows(bench: dict) -> list[dict]:
 def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int = 3, pca_size: int = 896,
                  commands: Sequence[str] = (), config_text: str | None = None) -> Path:
     """Write ``run/report.md`` and its PNGs from ``run/summary.json`` (+ ``run/<bench_file>``)."""
-    from .. import load_model
-    from ..data.photos import HELDOUT_PHOTOS, load_photo
-    from ..evaluation.fidelity import fidelity
-    from ..models import load_teacher
-
     run = Path(run)
     summary = json.loads((run / "summary.json").read_text())
     nums = Numbers(run)
@@ -182,7 +180,7 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
         table.append(f"| {arm} | " + " | ".join(cells) + " |")
     if res_curves:
         sizes = next(iter(res_curves.values()))["sizes"]
-        figures.fidelity_vs_resolution(res_curves, run / "fidelity_resolution.png")
+        plotting.fidelity_vs_resolution(res_curves, run / "fidelity_resolution.png")
         lines += ["## Fidelity vs resolution (held-out photos: sources no stage trained on)", "",
                   "token cosine / CLS cosine / patch-structure agreement (k = 10) to the teacher:", "",
                   "| student | " + " | ".join(f"{x}²" for x in sizes) + " |",
@@ -196,7 +194,7 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
     if "stage2_only" in idx:
         curves["stage 2 from the plain swap"] = _loss_curve(run, "stage2_only")
     if any(c[0] for c in curves.values()):
-        figures.loss_curves(curves, run / "loss_curves.png", "Stage 2 with and without stage-1 initialisation")
+        plotting.loss_curves(curves, run / "loss_curves.png", "Stage 2 with and without stage-1 initialisation")
         lines += ["## Stage-2 loss with and without stage 1", "", "![stage-2 loss](loss_curves.png)", ""]
 
     # 4-5. figures that need the models: per-layer fidelity and feature PCA on real photos
@@ -222,13 +220,13 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
             m = load_model(run / stage)
             fid = fidelity(m, teacher, [small])
             per_model[arm] = {"attn_rel_err": fid["attn_rel_err"],
-                              "token_cosine": figures.block_token_cosine(m, teacher, small)}
+                              "token_cosine": plotting.block_token_cosine(m, teacher, small)}
             if arm in ("none", "stage 1 + 2"):
                 models[f"student: {arm}"] = m
     if per_model:
-        figures.layer_fidelity(per_model, run / "layer_fidelity.png")
+        plotting.layer_fidelity(per_model, run / "layer_fidelity.png")
         lines += ["## Per-layer fidelity", "", "![per-layer fidelity](layer_fidelity.png)", ""]
-    figures.feature_pca(models, x, display, patch, run / "feature_pca.png")
+    plotting.feature_pca(models, x, display, patch, run / "feature_pca.png")
     lines += ["## Feature maps (PCA of final patch tokens, first three components as RGB)", "",
               f"{pca_size}² inputs of held-out photos; one PCA basis fitted on the teacher's tokens and applied "
               "to every model.", "",
@@ -236,7 +234,7 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
 
     # 6. throughput
     if bench:
-        figures.throughput(_bench_rows(bench), run / "throughput.png")
+        plotting.throughput(_bench_rows(bench), run / "throughput.png")
         lines += ["## Throughput and memory vs resolution", "", "![throughput](throughput.png)", "",
                   f"Measured with `{bench.get('command', 'adala bench')}`; memory: "
                   f"{bench.get('settings', {}).get('memory_method') or 'not measured'}.",
@@ -247,8 +245,6 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
     for i, st in enumerate(summary["stages"]):
         w = nums.fmt(S, ["stages", i, "wall_time_s"], ".1f")
         lines.append(f"| {st['name']} | {st['kind']} | {st.get('from', '')} | {w} ({st.get('status', 'ran')}) |")
-    from .. import __version__
-
     lines += ["", f"adala {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
               f"{platform.machine()}, {torch.get_num_threads()} threads; seed {summary['seed']}.", ""]
     if commands:
@@ -256,5 +252,5 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
     if config_text:
         lines += ["Recipe:", "", "```yaml", config_text.rstrip(), "```", ""]
     (run / "report.md").write_text("\n".join(lines))
-    (run / "report_sources.json").write_text(json.dumps(nums.sources, indent=1))
+    write_json(run / "report_sources.json", nums.sources, indent=1, sort_keys=False)
     return run / "report.md"

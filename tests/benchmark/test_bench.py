@@ -100,6 +100,9 @@ def test_bench_api_record_has_every_field():
     for stage in ("stage1", "stage2"):
         (row,) = ts[stage]
         assert row["model"] == "linear-elu" and row["steps_per_s"] > 0 and row["trainable_params"] > 0
+    # the stages' own objectives ran (there is no fallback to a private copy)
+    assert ts["stage1"][0]["objective"] == "adala.stages.align_attention.AttentionAlignment"
+    assert ts["stage2"][0]["objective"] == "adala.stages.align_features.FeatureAlignment"
     # stage 1 trains attention only, stage 2 everything
     assert ts["stage1"][0]["trainable_params"] < ts["stage2"][0]["trainable_params"]
     json.dumps(record)  # JSON-serialisable as is

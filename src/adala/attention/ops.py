@@ -19,6 +19,7 @@ With autograd the normaliser rides with the numerator: Σφk is stacked as one e
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import keeps_freed_memory
+from ..runtime import freed_memory_kept
 from ..tracing import is_tracing
 
 DEFAULT_EPS = 1e-6
@@ -93,7 +94,6 @@ def _apply_inplace_feature_map(name: str, x: torch.Tensor) -> None:
             fn(x)
             return
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported backend...: eager is exact too
-            import logging
 
             logging.getLogger(__name__).warning("compiled feature map unavailable (%s); using eager", e)
             _COMPILE["enabled"] = False
@@ -131,7 +131,7 @@ def packed_projection(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     The result is only valid until this thread's next call: it is meant for
     ``fused_linear_attention``, which consumes it in place.
     """
-    if x.device.type != "cpu" or keeps_freed_memory():
+    if x.device.type != "cpu" or freed_memory_kept():
         # the allocator reuses freed blocks already: a fresh tensor is as cheap and, unlike the
         # workspace, is released before the MLP, so it adds nothing to the peak
         return F.linear(x, linear.weight, linear.bias)

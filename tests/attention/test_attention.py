@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adala.attention import available, build
-from adala.attention.kernels import elu_plus_one, linear_attention, relu
 from adala.attention.naive import linear_attention_reference, softmax_attention_reference
+from adala.attention.ops import elu_plus_one, linear_attention, relu
 from adala.errors import UnknownAttentionError
 
 

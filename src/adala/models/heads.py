@@ -1,4 +1,4 @@
-"""Task wrappers (backbone + head) for stage 3, registered in ``TASK_BUILDERS`` so ``load_model`` rebuilds them.
+"""Task wrappers (backbone + head) for stage 3, listed in ``TASK_BUILDERS`` so ``load_model`` rebuilds them.
 
 Both wrappers expose ``.backbone`` (the timm model; ``backbone_of`` finds it) and split into ``features(x)``
 (backbone side) and ``head(features)``: a frozen-backbone fine-tune can then cache features once and train
@@ -10,6 +10,7 @@ linear probe converge in a few hundred cheap steps.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,13 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.config import TASK_BUILDERS, get_config, set_config
-from ..models.families import family_of
-from ..models.surgery import backbone_of
+from .config import get_config, set_config
+from .families import family_of
+from .surgery import backbone_of
 
 CLASSIFICATION_HEADS = ("linear", "mlp")
 SEGMENTATION_HEADS = ("linear", "linear4")
-IGNORE_INDEX = 255
 
 
 class Standardize(nn.Module):
@@ -158,5 +158,8 @@ def _build_segmentation(backbone: nn.Module, task: dict) -> nn.Module:
     return SegmentationModel(backbone, int(task["num_classes"]), task.get("head", "linear"))
 
 
-TASK_BUILDERS["classification"] = _build_classification
-TASK_BUILDERS["segmentation"] = _build_segmentation
+# task type -> builder(backbone, task_config) -> module: what ``load_model`` rebuilds a task model with
+TASK_BUILDERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {
+    "classification": _build_classification,
+    "segmentation": _build_segmentation,
+}

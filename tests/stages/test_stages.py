@@ -59,7 +59,7 @@ def test_stage1_one_teacher_pass_and_only_attention_trains(tmp_path):
 @pytest.mark.parametrize("train,extra", [("attention+proj", "attn.proj"), ("all", "norm1")])
 def test_stage1_wider_training(tmp_path, train, extra):
     teacher = _tiny(depth=1)
-    res = align_attention(teacher, data="photos", img_size=56, steps=2, batch_size=2, lr=1e-2, train=train,
+    res = align_attention(teacher, data="photos", img_size=56, steps=2, batch_size=2, lr=1e-2, trainable=train,
                           out=tmp_path / train, **FAST)
     t_sd, s_sd = teacher.state_dict(), res.model.state_dict()
     changed = {k for k in t_sd if not torch.equal(t_sd[k], s_sd[k])}
@@ -81,8 +81,8 @@ def test_bad_inputs_fail_before_writing(tmp_path):
         align_attention(teacher, img_size=56, steps=1, out=out, stepz=3)
     with pytest.raises(ConfigError, match="steps"):
         align_features(teacher, adala.linearize(teacher), img_size=56, steps=-1, out=out)
-    with pytest.raises(ConfigError, match="train must be"):
-        align_attention(teacher, img_size=56, steps=1, out=out, train="mlp")
+    with pytest.raises(ConfigError, match="trainable must be"):
+        align_attention(teacher, img_size=56, steps=1, out=out, trainable="mlp")
     with pytest.raises(ConfigError, match="resume"):
         align_attention(teacher, img_size=56, steps=1, out=out, resume=True)
     assert not out.exists()
@@ -143,7 +143,7 @@ def test_embedded_teacher_stage1_then_stage2_reduce_errors(tmp_path, embedded_te
         assert sum(a < b for a, b in zip(f1["attn_rel_err"], f0["attn_rel_err"])) >= 9  # of 12 blocks
         # the reference recipe's stage 2 (attention + proj, cosine + smooth-L1)
         s2 = align_features(teacher, s1.model, data="photos", img_size=56, steps=30, batch_size=8, lr=5e-5,
-                            train="attention+proj", loss="cosine+smooth-l1", out=tmp_path / "s2", **FAST)
+                            trainable="attention+proj", loss="cosine+smooth-l1", out=tmp_path / "s2", **FAST)
         f2 = fidelity(s2.model, teacher, [x])
         # on held-out photos stage 1 alone need not lower the final-token error (it lowers each block's error
         # given the teacher's input); stage 2 must beat both
@@ -154,7 +154,7 @@ def test_embedded_teacher_stage1_then_stage2_reduce_errors(tmp_path, embedded_te
 
 
 def test_mixed_data_alternates_sources():
-    from adala.stages.common import dataset
+    from adala.data.model_datasets import dataset
 
     t = _tiny()
     mix = dataset(t, ["photos:heldout", "fashion-mnist:test"], task="unlabeled", img_size=56, train=False,

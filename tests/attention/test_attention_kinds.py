@@ -10,8 +10,8 @@ from conftest import tiny_teacher
 import adala
 from adala.attention import build
 from adala.attention import naive_kinds as nk
+from adala.attention.grid import attach_patch_grid
 from adala.attention.naive import softmax_attention_reference
-from adala.attention.window_hybrid import attach_patch_grid
 from adala.errors import ConfigError, UnsupportedModelError
 
 KINDS = ["hedgehog", "window-hybrid", "nystrom", "performer", "focused"]
@@ -113,7 +113,7 @@ def test_performer_matches_reference(teacher_attn, features):
 @pytest.mark.parametrize("prefix,grid", [(1, (5, 5)), (0, (3, 6)), (4, (4, 4))])
 @pytest.mark.parametrize("p", [3.0, 1.5])
 def test_focused_matches_reference(teacher_attn, prefix, grid, p):
-    m = _module("focused", teacher_attn, prefix, grid, p=p, kernel=3)
+    m = _module("focused", teacher_attn, prefix, grid, p=p, dwc=3)
     with torch.no_grad():  # non-trivial learned parts: per-channel scale and conv
         for t in (m.feature_scale, m.dwc.weight, m.dwc.bias):
             t.normal_()

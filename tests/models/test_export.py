@@ -69,7 +69,7 @@ def test_kernel_torch_exports_too(teacher, tmp_path):
 def test_check_catches_the_no_grad_kernel_under_tracing(teacher, tmp_path, monkeypatch):
     """The original bug: linear_attention's no-grad path (out= writes into a fresh buffer) under the
     exporter became a constant. Re-enable it during export: the check must fail and remove the file."""
-    import adala.attention.kernels as kernels
+    import adala.attention.ops as kernels
 
     monkeypatch.setattr(kernels, "is_tracing", lambda: False)
     with pytest.raises(ExportCheckError, match="differs from PyTorch"):

@@ -15,57 +15,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.base import is_linear
+from ..checks import renamed
+from ..data.model_datasets import dataset
 from ..errors import ConfigError
+from ..models import linearize
 from ..models.families import family_of
-from ..models.surgery import attention_modules, backbone_of
-from .common import (
-    StageResult,
-    TeacherRecorder,
-    as_teacher,
-    check_fits,
-    check_img_size,
-    check_pair,
-    claim_output,
-    dataset,
-    finish,
-    finished_result,
-    is_finished,
-    out_dir,
-    stage_options,
-    train_config,
-    trainable_copy,
-)
+from ..models.recorder import TeacherRecorder
+from ..models.resolve import as_teacher, check_img_size, check_pair, trainable_copy
+from ..models.surgery import attention_modules, backbone_of, linear_blocks
+from ..outdir import claim_output, is_finished, out_dir
+from ..train.devices import check_fits
+from ..train.loop import train as run_training
+from ..train.loop import train_config
+from .result import StageResult, finish, finished_result, stage_options
 
-TRAIN_CHOICES = ("attention", "attention+proj", "all")
+# what stage 1 may train (``trainable=``): read by the recipes' schema and the CLI
+TRAINABLE = ("attention", "attention+proj", "all")
 
 
-def _is_linear(attn: nn.Module) -> bool:
-    return getattr(attn, "kind", "softmax") != "softmax"
-
-
-def trainable_attention_params(student: nn.Module, train: str) -> list[str]:
-    """Freeze the student except what ``train`` names, in the blocks whose attention was swapped.
+def trainable_attention_params(student: nn.Module, trainable: str) -> list[str]:
+    """Freeze the student except what ``trainable`` names, in the blocks whose attention was swapped.
 
     ``attention``: q/k/v projections and the kind's own parameters (everything in ``attn`` but ``proj``);
     ``attention+proj``: the whole attention module; ``all``: attention module and the block's ``norm1``
     (then fed the teacher's block input), i.e. every parameter stage 1's loss can reach.
     Returns the names of the trainable parameters.
     """
-    if train not in TRAIN_CHOICES:
-        raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {train!r}")
+    if trainable not in TRAINABLE:
+        raise ConfigError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
     for p in student.parameters():
         p.requires_grad_(False)
     vit = backbone_of(student)
     names = []
     for i, (block, attn) in enumerate(zip(family_of(vit).blocks(vit), attention_modules(vit))):
-        if not _is_linear(attn):
+        if not is_linear(attn):
             continue
         for name, p in attn.named_parameters():
-            if train == "attention" and (name.startswith("proj.") or name.startswith("proj_drop.")):
+            if trainable == "attention" and (name.startswith("proj.") or name.startswith("proj_drop.")):
                 continue
             p.requires_grad_(True)
             names.append(f"blocks.{i}.attn.{name}")
-        if train == "all":
+        if trainable == "all":
             for name, p in block.norm1.named_parameters():
                 p.requires_grad_(True)
                 names.append(f"blocks.{i}.norm1.{name}")
@@ -77,12 +68,12 @@ def trainable_attention_params(student: nn.Module, train: str) -> list[str]:
 class AttentionAlignment(nn.Module):
     """Objective: ``forward(images) -> (mean per-block MSE, {"loss/block_i": ...})`` from one teacher pass."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, train: str = "attention") -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module, trainable: str = "attention") -> None:
         super().__init__()
         self.teacher = teacher
         self.student = student
-        self.feed_block_input = train == "all"
-        self.blocks = [i for i, a in enumerate(attention_modules(student)) if _is_linear(a)]
+        self.feed_block_input = trainable == "all"
+        self.blocks = linear_blocks(student)
         self.recorder = TeacherRecorder(teacher, block_inputs=self.feed_block_input)
 
     def train(self, mode: bool = True) -> AttentionAlignment:
@@ -124,10 +115,11 @@ def align_attention(
     steps: int = 300,
     batch_size: int = 8,
     lr: float = 1e-3,
-    train: str = "attention",
+    trainable: str = "attention",
     out: str | os.PathLike | None = None,
     length: int | None = None,
     force: bool = False,
+    train: str | None = None,
     **train_kwargs: Any,
 ) -> StageResult:
     """Stage 1. ``student`` defaults to ``adala.linearize(teacher, attention)``; unlabeled ``data``.
@@ -136,9 +128,7 @@ def align_attention(
     ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
     ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
-    from ..models import linearize
-    from ..train.loop import train as run_training
-
+    trainable = renamed("train", train, "trainable", trainable)
     out = out_dir(out, "align-attention")
     with claim_output(out, "align-attention", resume=bool(train_kwargs.get("resume", False)), force=force,
                       inputs=(("student", student), ("teacher", teacher))):
@@ -148,10 +138,10 @@ def align_attention(
         check_img_size(teacher, img_size)
         cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
         check_fits(teacher, img_size, cfg.batch_size, cfg.device, amp=cfg.amp)
-        trainable_attention_params(student, train)
+        trainable_attention_params(student, trainable)
         ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
-        objective = AttentionAlignment(teacher, student, train=train)
-        objective.run_config = stage_options(teacher, img_size=img_size, train=train, data=data, length=length)
+        objective = AttentionAlignment(teacher, student, trainable=trainable)
+        objective.run_config = stage_options(teacher, img_size=img_size, train=trainable, data=data, length=length)
         try:
             result = run_training(objective, ds, cfg, out, stage="align-attention", finished=is_finished(out))
         finally:
@@ -159,5 +149,5 @@ def align_attention(
         if result.already_finished:
             return finished_result(student, out, result.history)
         metrics = {"stage": "align-attention", "steps": result.steps, "wall_time_s": result.wall_time_s,
-                   "img_size": img_size, "train": train, **result.final}
+                   "img_size": img_size, "train": trainable, **result.final}
         return finish(student, out, metrics, result.history)

@@ -43,7 +43,7 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Independent of adala.attention.kernels: ELU+1 and the explicit N×N float64 matrix."""
+    """Independent of adala.attention.ops: ELU+1 and the explicit N×N float64 matrix."""
     assert attention_mask is None
 
     def phi(t):

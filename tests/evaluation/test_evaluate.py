@@ -13,7 +13,7 @@ from adala.data import build_dataset
 from adala.errors import ConfigError
 from adala.evaluation import evaluate, fidelity
 from adala.evaluation.metrics import ConfusionMatrix, classification_scores, segmentation_scores
-from adala.stages.heads import task_config, wrap
+from adala.models.heads import task_config, wrap
 
 
 def _tiny(**kw):

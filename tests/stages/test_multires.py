@@ -51,7 +51,7 @@ def test_short_multires_stage2_lowers_heldout_error_at_both_sizes(embedded_teach
 
     before = errors(naive)
     res = align_features(t, naive, data=["photos", "wallpapers"], img_size=sizes, steps=24, batch_size=4, lr=1e-4,
-                         loss="cosine+smooth-l1", train="attention+proj", out=tmp_path / "s2", progress=False)
+                         loss="cosine+smooth-l1", trainable="attention+proj", out=tmp_path / "s2", progress=False)
     after = errors(res.model)
     for s in sizes:
         assert after[s] < 0.9 * before[s], (s, before, after)

@@ -14,29 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import renamed
+from ..data.model_datasets import dataset
 from ..data.transforms import IndexedDataset, MultiSizeCollate
 from ..errors import ConfigError
 from ..models.families import family_of
+from ..models.resolve import as_teacher, check_img_size, check_pair, trainable_copy
 from ..models.surgery import backbone_of
-from .common import (
-    StageResult,
-    as_teacher,
-    check_fits,
-    check_img_size,
-    check_pair,
-    claim_output,
-    dataset,
-    finish,
-    finished_result,
-    is_finished,
-    out_dir,
-    stage_options,
-    train_config,
-    trainable_copy,
-)
+from ..outdir import claim_output, is_finished, out_dir
+from ..train.devices import check_fits
+from ..train.loop import train as run_training
+from ..train.loop import train_config
+from .align_attention import TRAINABLE, trainable_attention_params
+from .result import StageResult, finish, finished_result, stage_options
 
 LOSSES = ("mse", "cosine", "mse+cosine", "cosine+smooth-l1")
-TRAIN_CHOICES = ("all", "attention", "attention+proj")
 
 
 def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, loss: str
@@ -77,16 +69,15 @@ class FeatureAlignment(nn.Module):
         return feature_loss(pred, target, self.loss)
 
 
-def _select_trainable(student: nn.Module, train: str) -> None:
-    if train not in TRAIN_CHOICES:
-        raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {train!r}")
-    if train == "all":
+def _select_trainable(student: nn.Module, trainable: str) -> None:
+    if trainable not in TRAINABLE:
+        raise ConfigError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    if trainable == "all":
         for p in student.parameters():
             p.requires_grad_(True)
         return
-    from .attention import trainable_attention_params
 
-    trainable_attention_params(student, train)
+    trainable_attention_params(student, trainable)
 
 
 def align_features(
@@ -99,10 +90,11 @@ def align_features(
     batch_size: int = 8,
     lr: float = 1e-4,
     loss: str = "mse",
-    train: str = "all",
+    trainable: str = "all",
     out: str | os.PathLike | None = None,
     length: int | None = None,
     force: bool = False,
+    train: str | None = None,
     **train_kwargs: Any,
 ) -> StageResult:
     """Stage 2. ``student`` may be a stage-1 output or straight from ``linearize`` (the stage-2-only ablation).
@@ -112,8 +104,7 @@ def align_features(
     ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
     ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
-    from ..train.loop import train as run_training
-
+    trainable = renamed("train", train, "trainable", trainable)
     out = out_dir(out, "align-features")
     with claim_output(out, "align-features", resume=bool(train_kwargs.get("resume", False)), force=force,
                       inputs=(("student", student), ("teacher", teacher))):
@@ -129,7 +120,7 @@ def align_features(
             check_img_size(teacher, s)
         cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
         check_fits(teacher, max(sizes), cfg.batch_size, cfg.device, amp=cfg.amp)
-        _select_trainable(student, train)
+        _select_trainable(student, trainable)
         ds = dataset(teacher, data, task="unlabeled", img_size=max(sizes), train=True, seed=cfg.seed,
                      length=length)
         collate = None
@@ -138,7 +129,7 @@ def align_features(
                 raise ConfigError("several img_size values need map-style data (not wds:)")
             ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed)
         objective = FeatureAlignment(teacher, student, loss)
-        objective.run_config = stage_options(teacher, img_size=img_size, loss=loss, train=train, data=data,
+        objective.run_config = stage_options(teacher, img_size=img_size, loss=loss, train=trainable, data=data,
                                              length=length)
         result = run_training(objective, ds, cfg, out, stage="align-features", collate_fn=collate,
                               finished=is_finished(out))

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import adala
 import adala.attention.linear as linear_mod
-from adala.attention.kernels import (
+from adala.attention.naive import linear_attention_reference
+from adala.attention.ops import (
     FEATURE_MAPS,
     clear_workspace,
     elu_plus_one,
@@ -17,7 +18,6 @@ from adala.attention.kernels import (
     linear_attention,
     normaliser,
 )
-from adala.attention.naive import linear_attention_reference
 
 FMAPS_F64 = {"elu": lambda x: F.elu(x.double()) + 1.0, "relu": lambda x: F.relu(x.double())}
 
@@ -251,7 +251,7 @@ def test_normaliser_every_branch(per_head, n):
 
 
 def test_token_sum_layouts():
-    from adala.attention.kernels import token_sum
+    from adala.attention.ops import token_sum
 
     packed = torch.randn(37, 3, 4, 8)  # (N, 3, H, D) like a qkv projection
     for k in (packed[:, 1].transpose(0, 1), packed[:, 1].transpose(0, 1).contiguous(), torch.randn(4, 8, 37).mT):
@@ -266,7 +266,7 @@ def test_workspace_reuse_across_calls_modes_and_threads(monkeypatch, kept):
     import threading
 
     from adala import runtime
-    from adala.attention.kernels import _WORKSPACE
+    from adala.attention.ops import _WORKSPACE
 
     monkeypatch.setitem(runtime._STATE, "applied", kept)
 
@@ -302,7 +302,7 @@ def test_workspace_reuse_across_calls_modes_and_threads(monkeypatch, kept):
 @pytest.mark.slow
 def test_compiled_feature_map_matches_reference():
     """Opt-in torch.compile of ELU+1 (one pass): same results; compiling C++ takes tens of seconds."""
-    from adala.attention.kernels import set_compiled_feature_maps
+    from adala.attention.ops import set_compiled_feature_maps
 
     qkv = _packed(2, 77, 3, 16, std=3.0)
     old = set_compiled_feature_maps(True)

@@ -100,7 +100,7 @@ def test_linearize_returns_a_trainable_model():
 
 
 def test_stage_one_still_trains_only_the_attention():
-    from adala.stages.attention import trainable_attention_params
+    from adala.stages.align_attention import trainable_attention_params
 
     student = adala.linearize(tiny_teacher(), "linear-elu")
     names = set(trainable_attention_params(student, "attention"))
