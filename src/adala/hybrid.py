@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .evaluation.fidelity import fidelity
 from .models.config import get_config
 from .models.families import family_of
+from .models.recorder import TeacherRecorder
 from .models.surgery import attention_modules, backbone_of, block_kinds, linear_blocks, linearize_blocks
 
 
@@ -102,23 +103,15 @@ def _median_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]
 
 
 def _attention_inputs(vit: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """What each block's attention receives when ``vit`` runs on ``x``: (input, keyword arguments)."""
-    seen: list[tuple[torch.Tensor, dict[str, Any]] | None] = [None] * len(attention_modules(vit))
-
-    def hook(i: int):
-        def record(_mod, args, kwargs):
-            seen[i] = (args[0], dict(kwargs))
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(attention_modules(vit))]
+    """What each block's attention receives when ``vit`` runs on ``x``: (input, keyword arguments), from the
+    same teacher-pass recorder the alignment stages use (SAM windows, Eva's ``rope`` included)."""
+    rec = TeacherRecorder(vit)
     try:
         with torch.inference_mode():
             vit.forward_features(x)
     finally:
-        for h in handles:
-            h.remove()
-    return seen
+        rec.remove()
+    return list(zip(rec.attn_in, rec.attn_kwargs))
 
 
 def measure_costs(student: nn.Module, teacher: nn.Module, resolution: int, repeats: int = 5) -> dict[str, Any]:
