@@ -1,4 +1,4 @@
-"""linear-elu's ``temperature`` and ``dwc`` options: float64 references, identity at init, every path alike."""
+"""linear-elu options temperature, dwc, out_gate: float64 references, identity at init, every path alike."""
 
 from __future__ import annotations
 
@@ -23,10 +23,21 @@ def _attn(**options):
         if a.dwc is not None:
             a.dwc.weight.normal_(0, 0.2)
             a.dwc.bias.normal_(0, 0.2)
+        if a.out_gate is not None:
+            a.out_gate.up.weight.normal_(0, 0.5)
+            a.out_gate.up.bias.normal_(0, 0.5)
     return a
 
 
-@pytest.mark.parametrize("options", [{"temperature": True}, {"dwc": 3}, {"temperature": True, "dwc": 5}])
+def _gate_reference(a, x):
+    """2·sigmoid(up(down(x))) written out in float64: 2 / (1 + exp(-(x Wdᵀ Wuᵀ + b)))."""
+    g = a.out_gate
+    z = x.double() @ g.down.weight.double().T @ g.up.weight.double().T + g.up.bias.double()
+    return 2.0 / (1.0 + torch.exp(-z))
+
+
+@pytest.mark.parametrize("options", [{"temperature": True}, {"dwc": 3}, {"temperature": True, "dwc": 5},
+                                     {"out_gate": 4}, {"temperature": True, "dwc": 3, "out_gate": 2}])
 @pytest.mark.parametrize("prefix,grid", [(1, (4, 4)), (1, (3, 5)), (0, (4, 3))])
 def test_options_match_float64_reference(options, prefix, grid):
     a = _attn(**options).double()
@@ -37,7 +48,10 @@ def test_options_match_float64_reference(options, prefix, grid):
         q, k, v = a.qkv_heads(x)
         ref = linear_options_reference(q, k, v, a.log_tau, None if a.dwc is None else a.dwc.weight,
                                        None if a.dwc is None else a.dwc.bias, prefix, h, w)
-        ref = a.proj(ref.transpose(1, 2).reshape(2, -1, a.attn_dim))
+        ref = ref.transpose(1, 2).reshape(2, -1, a.attn_dim)
+        if a.out_gate is not None:
+            ref = ref * _gate_reference(a, x)
+        ref = a.proj(ref)
         fused = a(x)  # no-grad: the fused CPU path (in place on the packed projection)
     generic = a(x.requires_grad_())  # autograd: the generic mix path
     assert (fused - ref).abs().max() < 1e-10
@@ -47,25 +61,29 @@ def test_options_match_float64_reference(options, prefix, grid):
         assert a.log_tau.grad is not None and a.log_tau.grad.abs().sum() > 0
     if a.dwc is not None:
         assert a.dwc.weight.grad.abs().sum() > 0
+    if a.out_gate is not None:
+        assert a.out_gate.down.weight.grad.abs().sum() > 0 and a.out_gate.up.weight.grad.abs().sum() > 0
 
 
 def test_options_start_as_plain_linear_elu():
     t = tiny_teacher()
     x = torch.randn(2, 3, 56, 42)
     plain = adala.linearize(t, "linear-elu")
-    opts = adala.linearize(t, "linear-elu", temperature=True, dwc=3)
+    opts = adala.linearize(t, "linear-elu", temperature=True, dwc=3, out_gate=4)
     with torch.no_grad():
         assert torch.allclose(plain.forward_features(x), opts.forward_features(x), atol=1e-6)
     extra = set(opts.state_dict()) - set(plain.state_dict())
-    assert extra == {f"blocks.{i}.attn.{n}" for i in range(2) for n in ("log_tau", "dwc.weight", "dwc.bias")}
+    names = ("log_tau", "dwc.weight", "dwc.bias", "out_gate.down.weight", "out_gate.up.weight", "out_gate.up.bias")
+    assert extra == {f"blocks.{i}.attn.{n}" for i in range(2) for n in names}
 
 
 def test_options_save_load_and_non_square(tmp_path):
     t = tiny_teacher()
-    s = adala.linearize(t, "linear-elu", temperature=True, dwc=3)
+    s = adala.linearize(t, "linear-elu", temperature=True, dwc=3, out_gate=3)
     for m in s.modules():
         if getattr(m, "dwc", None) is not None:
             torch.nn.init.normal_(m.dwc.weight, 0, 0.1)
+            torch.nn.init.normal_(m.out_gate.up.weight, 0, 0.1)
     adala.save_model(s, tmp_path / "m")
     back = adala.load_model(tmp_path / "m")
     x = torch.randn(1, 3, 28, 70)  # 2x5 grid: the tracker gives the true grid
@@ -73,7 +91,19 @@ def test_options_save_load_and_non_square(tmp_path):
         assert torch.equal(s.forward_features(x), back.forward_features(x))
 
 
-@pytest.mark.parametrize("bad", [{"dwc": 2}, {"dwc": -1}, {"dwc": True}, {"temperature": "yes"}])
+@pytest.mark.parametrize("bad", [{"dwc": 2}, {"dwc": -1}, {"dwc": True}, {"temperature": "yes"},
+                                 {"out_gate": -1}, {"out_gate": True}, {"out_gate": 2.5}])
 def test_bad_options_fail_in_one_line(bad):
     with pytest.raises(ConfigError):
         adala.linearize(tiny_teacher(), "linear-elu", **bad)
+
+
+def test_out_gate_is_counted_in_flops():
+    from adala.benchmark.flops import model_flops
+
+    t = tiny_teacher()
+    plain = model_flops(adala.linearize(t, "linear-elu"), 56)
+    gated = model_flops(adala.linearize(t, "linear-elu", out_gate=4), 56)
+    c, n = t.embed_dim, plain["tokens"]
+    per_block = 2 * n * (c * 4 + 4 * c)  # down (C→4) and up (4→C) per token
+    assert gated["total"] - plain["total"] == len(t.blocks) * per_block == gated["gate"]

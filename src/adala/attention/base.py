@@ -43,6 +43,7 @@ class KernelAttention(nn.Module):
         self.k_norm = getattr(attn, "k_norm", nn.Identity())
         self.norm = getattr(attn, "norm", nn.Identity())
         self.gate = getattr(attn, "gate", None)
+        self.out_gate: nn.Module | None = None  # a linear kind's own learnable output gate (``out_gate=R``)
         self.proj = attn.proj
         self.proj_drop = getattr(attn, "proj_drop", nn.Identity())
         self.options = dict(options)
@@ -63,10 +64,16 @@ class KernelAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv_heads(x)
         out = self.mix(q, k, v)
-        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        out = self.gated(self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim)), x)
+        return self.proj_drop(self.proj(out))
+
+    def gated(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H·D) mixed output times the teacher's own gate (if it has one) and the kind's output gate."""
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()
-        return self.proj_drop(self.proj(out))
+        if self.out_gate is not None:
+            out = out * self.out_gate(x)
+        return out
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, heads={self.num_heads}, head_dim={self.head_dim}, options={self.options}"

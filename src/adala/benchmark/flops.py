@@ -72,8 +72,11 @@ def block_flops(block: nn.Module, n: int, groups: int = 1, group_tokens: int | N
         "mlp": sum(_linear(m_, n) for m_ in block.mlp.modules() if isinstance(m_, nn.Linear)),
     }
     gate = getattr(attn, "gate", None)
-    if isinstance(gate, nn.Linear):
-        out["gate"] = _linear(gate, n)
+    gates = [gate] if isinstance(gate, nn.Linear) else []
+    if getattr(attn, "out_gate", None) is not None:
+        gates += [m_ for m_ in attn.out_gate.modules() if isinstance(m_, nn.Linear)]
+    if gates:
+        out["gate"] = sum(_linear(g, n) for g in gates)
     return out
 
 
