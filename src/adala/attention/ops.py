@@ -100,6 +100,12 @@ def _apply_inplace_feature_map(name: str, x: torch.Tensor) -> None:
     FEATURE_MAPS_INPLACE[name](x)
 
 
+def apply_feature_map_(name: str, x: torch.Tensor) -> None:
+    """φ (``FEATURE_MAPS[name]``) in place on ``x``, the way the fused paths apply it (compiled when
+    ``set_compiled_feature_maps`` is on); for callers outside this module that own ``x``."""
+    _apply_inplace_feature_map(name, x)
+
+
 _WORKSPACE = threading.local()
 
 
