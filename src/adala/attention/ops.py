@@ -127,8 +127,15 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 def clear_workspace() -> None:
-    """Release this thread's scratch buffers (they hold the largest projection seen so far)."""
+    """Release this thread's scratch buffers (they hold the largest projection, or for streamed blocks
+    one image's φ(q), seen so far); the next forward allocates them again."""
     _WORKSPACE.bufs = {}
+
+
+def workspace_bytes() -> int:
+    """Bytes this thread's scratch buffers hold between calls (what :func:`clear_workspace` frees)."""
+    bufs = getattr(_WORKSPACE, "bufs", None) or {}
+    return sum(b.numel() * b.element_size() for b in bufs.values())
 
 
 def packed_projection(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch.nn.modules import module as _module
 from ..attention.linear import LinearAttention
 from ..attention.ops import apply_feature_map_, workspace
 from ..errors import ConfigError
+from ..runtime import freed_memory_kept
 
 # Rows (tokens, summed over the images of a group) per chunk. Measured on ViT-S/14, fp32, 2 threads
 # (benchmarks/plain_process.py --chunk-sweep; README "Benchmarks"): 512-2048 are within noise of
@@ -206,7 +207,8 @@ def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Only valid where :func:`can_stream` holds. Images of a batch whose whole sequence fits in one chunk
     run together (``chunk_tokens // N`` images per group); longer sequences run one image at a time, with
-    φ(q) of that image kept in this thread's workspace (``adala.attention.ops.clear_workspace`` frees it).
+    φ(q) of that image kept in this thread's workspace (``adala.attention.ops.clear_workspace`` frees it;
+    a plain buffer instead where ``adala.runtime.keep_freed_memory`` is in effect).
     """
     b, n, c = x.shape
     chunk = _STATE["chunk_tokens"]
@@ -218,7 +220,10 @@ def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             _whole_images(block, att, x[g0:g1].reshape(-1, c), out[g0:g1].view(-1, c), n)
         return out
     spans = _spans(n, math.ceil(n / chunk))
-    q_store = workspace(n * att.a, x.dtype, x.device).view(n, att.a)
+    if freed_memory_kept():  # the heap reuses a fresh buffer already, and it is gone after the block
+        q_store = x.new_empty(n, att.a)
+    else:
+        q_store = workspace(n * att.a, x.dtype, x.device).view(n, att.a)
     for i in range(b):
         state, ksum = att.start_state()
         for s, e in spans:  # pass 1: the state over all tokens; φq kept
