@@ -8,10 +8,12 @@ packed-projection kernels are shared with what is checked.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 from conftest import tiny_teacher
+from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import Block
 
 import adala
@@ -57,16 +59,19 @@ def test_streamed_block_matches_reference(chunk, n, batch):
     assert torch.equal(x, x_before)  # the input is never written
 
 
-@pytest.mark.parametrize("case", ["relu", "temperature", "no-layer-scale", "no-qkv-bias"])
+@pytest.mark.parametrize("case", ["relu", "temperature", "no-layer-scale", "no-qkv-bias", "swiglu", "gelu-tanh"])
 def test_streamed_variants_match_reference(chunk, case):
     options = {"temperature": True} if case == "temperature" else {}
     kind = "linear-relu" if case == "relu" else "linear-elu"
-    teacher_kw = {"init_values": None} if case == "no-layer-scale" else {}
-    if case == "no-qkv-bias":
-        teacher_kw["qkv_bias"] = False
+    teacher_kw = {
+        "no-layer-scale": {"init_values": None}, "no-qkv-bias": {"qkv_bias": False},
+        "swiglu": {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU},  # DINOv2-g's MLP: the module path
+        "gelu-tanh": {"act_layer": partial(torch.nn.GELU, approximate="tanh")},
+    }.get(case, {})
     teacher = tiny_teacher("vit_small_patch14_reg4_dinov2", **teacher_kw)
     student = adala.linearize(teacher, kind, **options).eval().double()
     block = student.blocks[0]
+    assert isinstance(block.mlp, SwiGLUPacked) is (case == "swiglu")
     if case == "temperature":
         with torch.no_grad():
             block.attn.log_tau.normal_(0, 0.5)

@@ -197,9 +197,28 @@ def _addmm(bias: torch.Tensor | None, x: torch.Tensor, wt: torch.Tensor, out: to
     return torch.addmm(bias, x, wt, out=out)
 
 
+def _plain_mlp(mlp: nn.Module) -> bool:
+    """timm's ``Mlp`` as ViTs build it: Linear -> GELU -> Linear (dropouts already known to be off)."""
+    return (type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+            and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity))
+
+
 def _mlp_residual(block: nn.Module, rows: torch.Tensor) -> None:
-    """rows (n, C) of the output, holding x + ls1(attn): add ls2(mlp(norm2(rows))) in place."""
-    _residual(rows, block.mlp(block.norm2(rows)), block.ls2, rows)
+    """rows (n, C) of the output, holding x + ls1(attn): add ls2(mlp(norm2(rows))) in place.
+
+    timm's ``Mlp`` runs inline with GELU in place: its module forward keeps the hidden layer before and
+    after GELU alive together (2 x rows x 4·C), and glibc returns a freed heap top larger than twice its
+    largest recent mmap to the OS (``M_TRIM_THRESHOLD``'s dynamic default), so the next chunk would
+    page-fault it in again; one hidden buffer stays under that."""
+    mlp = block.mlp
+    if _plain_mlp(mlp):
+        hidden = _addmm(mlp.fc1.bias, block.norm2(rows), mlp.fc1.weight.t())
+        torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
+        y = _addmm(mlp.fc2.bias, hidden, mlp.fc2.weight.t())
+        del hidden
+    else:
+        y = mlp(block.norm2(rows))
+    _residual(rows, y, block.ls2, rows)
 
 
 def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
