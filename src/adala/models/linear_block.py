@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 import torch
-from timm.layers import DropPath, GluMlp, LayerScale, Mlp, SwiGLU, SwiGLUPacked
+from timm.layers import DropPath, GluMlp, LayerScale, Mlp, SwiGLU
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn.modules import module as _module
@@ -42,7 +42,7 @@ from ..runtime import freed_memory_kept
 # per-chunk temporary (the MLP hidden layer, rows x 4·C) at 6 MB for C=384 and 24 MB for ViT-g's
 # C=1536, under glibc's 32 MiB mmap ceiling, so the heap reuses every chunk temporary.
 CHUNK_TOKENS = 1024
-_PER_TOKEN_MLPS = (Mlp, GluMlp, SwiGLU, SwiGLUPacked)
+_PER_TOKEN_MLPS = (Mlp, GluMlp, SwiGLU)  # timm.layers.SwiGLUPacked is a GluMlp
 _STATE = {"chunk_tokens": CHUNK_TOKENS}
 
 
