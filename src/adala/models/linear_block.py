@@ -36,12 +36,13 @@ from ..attention.ops import apply_feature_map_, workspace
 from ..errors import ConfigError
 from ..runtime import freed_memory_kept
 
-# Rows (tokens, summed over the images of a group) per chunk. Measured on ViT-S/14, fp32, 2 threads
-# (benchmarks/plain_process.py --chunk-sweep; README "Benchmarks"): 512-2048 are within noise of
-# each other and all far ahead of unstreamed blocks in a plain process; 1024 keeps the largest
-# per-chunk temporary (the MLP hidden layer, rows x 4·C) at 6 MB for C=384 and 24 MB for ViT-g's
-# C=1536, under glibc's 32 MiB mmap ceiling, so the heap reuses every chunk temporary.
-CHUNK_TOKENS = 1024
+# Rows (tokens, summed over the images of a group) per chunk. Measured on ViT-S/14, fp32, 2 threads, in
+# plain processes (benchmarks/plain_process.py --chunk-sweep 512,1024,2048,2730 at 896² and 1344², load
+# average ~5 on 2 cores; README "Benchmarks"): minor faults per forward 147k/406k unstreamed against
+# 6-20k/10-12k at 1024-2048 rows, and on a busy machine fewer, larger chunks lose less to waiting for a
+# descheduled OpenMP thread (one wait per torch call): 2048 rows was the quickest (7.7 s / 15.3 s against
+# 9.3 s / 20.6 s at 1024). Its largest temporary, the MLP hidden layer (rows x 4·C), is 12 MB at C=384.
+CHUNK_TOKENS = 2048
 _PER_TOKEN_MLPS = (Mlp, GluMlp, SwiGLU)  # timm.layers.SwiGLUPacked is a GluMlp
 _STATE = {"chunk_tokens": CHUNK_TOKENS}
 
