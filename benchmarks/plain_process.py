@@ -282,6 +282,8 @@ def run_case(args: argparse.Namespace, batch: int, res: int, arms: list[tuple[st
         limit = args.teacher_max_seconds if spec["role"] == "teacher" else args.student_max_seconds
         if spec["role"] == "teacher" and args.teacher_max_resolution and res > args.teacher_max_resolution:
             case["arms"][name] = {"skipped": f"above --teacher-max-resolution {args.teacher_max_resolution}"}
+        elif predicted.get(name) == math.inf:
+            case["arms"][name] = {"skipped": "skipped at a smaller size already (its forward only grows)"}
         elif predicted.get(name) is not None and predicted[name] > limit:
             case["arms"][name] = {"skipped": f"predicted {predicted[name]:.0f} s per forward (previous size "
                                              f"scaled by FLOPs) > {limit:g} s limit"}
@@ -477,7 +479,7 @@ def _run_all(args, batches, sizes, kept, teacher, student, record, path, say, zy
                 if "latency_ms" in arm:
                     last[name] = (flops[spec["role"]], arm["latency_ms"] / 1e3)
                 elif "skipped" in arm and name in last:  # the prediction grows with the size: skip onwards
-                    last[name] = (1, float("inf"))
+                    last[name] = (1, math.inf)
             record["cases"].append(case)
             for c in case["comparisons"]:
                 say(f"b{batch} {res}px [{c['allocator']}]: {c['speedup']:.2f}x, bound {c['flop_bound']:.2f}x "
