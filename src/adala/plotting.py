@@ -184,8 +184,14 @@ def plot_bench(record: dict[str, Any], path: str | os.PathLike) -> Path:
     colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
     fig, axes = _pyplot().subplots(1, 3, figsize=(16, 4.6))
     ax_ips, ax_mem, ax_sp = axes
+    batch = record["settings"]["batch_size"]  # the first batch size; more are in the JSON
+
+    def first_batch(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [x for x in items if x.get("batch_size", batch) == batch]
+
     for name in names:
-        rows = sorted((r for r in record["results"] if r["model"] == name), key=lambda r: r["resolution"])
+        rows = sorted((r for r in first_batch(record["results"]) if r["model"] == name),
+                      key=lambda r: r["resolution"])
         res = [r["resolution"] for r in rows]
         style = dict(marker="o", linestyle="-" if name == "teacher" else "--", color=colour[name])
         ax_ips.plot(res, [r["images_per_s"] for r in rows], label=name, **style)
@@ -193,7 +199,8 @@ def plot_bench(record: dict[str, Any], path: str | os.PathLike) -> Path:
         if mem:
             ax_mem.plot(*zip(*mem), label=name, **style)
     for j, name in enumerate(names[1:]):
-        comps = sorted((c for c in record["comparisons"] if c["student"] == name), key=lambda c: c["resolution"])
+        comps = sorted((c for c in first_batch(record["comparisons"]) if c["student"] == name),
+                       key=lambda c: c["resolution"])
         res = [c["resolution"] for c in comps]
         line = ax_sp.plot(res, [c["speedup"] for c in comps], marker="o", color=colour[name],
                           label=f"{name} measured")[0]

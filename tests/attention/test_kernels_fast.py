@@ -260,15 +260,18 @@ def test_token_sum_layouts():
 
 @pytest.mark.parametrize("kept", [False, True])
 def test_workspace_reuse_across_calls_modes_and_threads(monkeypatch, kept):
-    """The CPU projection workspace is reused: consecutive calls of different sizes, inference mode
-    and plain no-grad, several modules in a row, and concurrent threads must all stay exact. Where the
-    process keeps freed memory (adala.runtime) the projection is a plain tensor and no workspace is held."""
+    """The CPU workspace (the packed projection of a lone attention, φ(q) of a streamed block) is reused:
+    consecutive calls of different sizes, inference mode and plain no-grad, several modules in a row, and
+    concurrent threads must all stay exact. Where the process keeps freed memory (adala.runtime) both are
+    plain tensors and no workspace is held."""
     import threading
 
     from adala import runtime
     from adala.attention.ops import _WORKSPACE
+    from adala.models import linear_block
 
     monkeypatch.setitem(runtime._STATE, "applied", kept)
+    monkeypatch.setitem(linear_block._STATE, "chunk_tokens", 16)  # blocks stream in chunks from 17 tokens on
 
     t = adala.load_teacher("timm:vit_small_patch14_dinov2", pretrained=False, img_size=56, depth=2,
                            embed_dim=64, num_heads=2)
@@ -281,6 +284,12 @@ def test_workspace_reuse_across_calls_modes_and_threads(monkeypatch, kept):
             assert torch.allclose(s.forward_features(x), ref, atol=1e-5)
         with torch.no_grad():
             assert torch.allclose(s.forward_features(x), ref, atol=1e-5)
+    assert bool(_WORKSPACE.bufs) is not kept
+    clear_workspace()
+    tokens = torch.randn(2, 37, 64)
+    ref = s.blocks[0].attn(tokens.clone().requires_grad_()).detach()  # autograd path
+    with torch.no_grad():  # a lone attention module: the packed projection
+        assert torch.allclose(s.blocks[0].attn(tokens), ref, atol=1e-5)
     assert bool(_WORKSPACE.bufs) is not kept
     errors = []
 

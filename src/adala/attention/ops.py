@@ -100,6 +100,12 @@ def _apply_inplace_feature_map(name: str, x: torch.Tensor) -> None:
     FEATURE_MAPS_INPLACE[name](x)
 
 
+def apply_feature_map_(name: str, x: torch.Tensor) -> None:
+    """φ (``FEATURE_MAPS[name]``) in place on ``x``, the way the fused paths apply it (compiled when
+    ``set_compiled_feature_maps`` is on); for callers outside this module that own ``x``."""
+    _apply_inplace_feature_map(name, x)
+
+
 _WORKSPACE = threading.local()
 
 
@@ -121,8 +127,15 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 def clear_workspace() -> None:
-    """Release this thread's scratch buffers (they hold the largest projection seen so far)."""
+    """Release this thread's scratch buffers (they hold the largest projection, or for streamed blocks
+    one image's φ(q), seen so far); the next forward allocates them again."""
     _WORKSPACE.bufs = {}
+
+
+def workspace_bytes() -> int:
+    """Bytes this thread's scratch buffers hold between calls (what :func:`clear_workspace` frees)."""
+    bufs = getattr(_WORKSPACE, "bufs", None) or {}
+    return sum(b.numel() * b.element_size() for b in bufs.values())
 
 
 def packed_projection(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

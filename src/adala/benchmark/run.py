@@ -99,7 +99,7 @@ def bench(
     teacher: str | nn.Module = "dinov2-s14",
     students: Sequence[str] | Mapping[str, nn.Module | str | os.PathLike] = ("linear-elu",),
     resolutions: Sequence[int] = (224, 448, 672, 896, 1344),
-    batch_size: int = 1,
+    batch_size: int | Sequence[int] = 1,
     device: str = "cpu",
     dtype: str = "fp32",
     repeats: int = 5,
@@ -121,6 +121,7 @@ def bench(
     sdpa: str | None = None,
     cuda_graphs: bool = False,
     progress: Callable[[str], None] | None = None,
+    teacher_max_resolution: int | None = None,
 ) -> dict[str, Any]:
     """Benchmark a teacher against students and return the full record (see module docstring).
 
@@ -141,13 +142,23 @@ def bench(
     ``keep_freed_memory`` (CPU) first applies ``adala.runtime.keep_freed_memory`` to this process, as every
     ``adala`` command does, so large tensors are not page-faulted in anew on every forward; the record's
     ``settings.allocator`` says what was in effect.
+    ``batch_size``: one batch size or several (each resolution is timed at each; rows and comparisons
+    carry their ``batch_size``). ``teacher_max_resolution``: above it only the students are timed (a
+    softmax teacher's O(N²) forward takes minutes on a CPU from about 2048² on); ``record["skipped"]``
+    lists what was left out and why.
     Modules passed in are moved to ``device``, never modified.
     """
 
     say = progress or (lambda _msg: None)
     dev = check_device(device)
     check_dtype(dtype)
-    check_positive(batch_size, "batch_size")
+    batch_sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+    if not batch_sizes:
+        raise ConfigError("no batch sizes given")
+    for b in batch_sizes:
+        check_positive(b, "batch_size")
+    batch_size = batch_sizes[0]
+    check_positive(teacher_max_resolution, "teacher_max_resolution", allow_none=True)
     check_positive(repeats, "repeats")
     if not isinstance(min_seconds, (int, float)) or min_seconds < 0:
         raise ConfigError(f"min_seconds must be a non-negative number, got {min_seconds!r}")
@@ -202,7 +213,8 @@ def bench(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": _environment(dev),
         "settings": {
-            "resolutions": resolutions, "batch_size": batch_size, "device": str(dev), "dtype": dtype,
+            "resolutions": resolutions, "batch_size": batch_size, "batch_sizes": batch_sizes,
+            "teacher_max_resolution": teacher_max_resolution, "device": str(dev), "dtype": dtype,
             "precision": "as is" if dtype == "fp32" else f"torch.autocast({dev.type}, {dtype})",
             "repeats": repeats, "min_seconds": min_seconds, "warmup": warmup,
             "timed_call": "backbone.forward_features (all tokens)",
@@ -220,6 +232,7 @@ def bench(
         "models": [_describe(n, m, "teacher" if n == TEACHER else "student") for n, m, _ in models],
         "results": [],
         "comparisons": [],
+        "skipped": [],
     }
 
 
@@ -229,14 +242,21 @@ def bench(
     try:
         with tempfile.TemporaryDirectory(prefix="adala-bench-") as tmp:
             recipes = _recipes(models, run, tmp)
-            for res in resolutions:
-                if max_load is not None:
-                    wait_for_quiet(max_load, max_wait, say)
-                _bench_resolution(record, models, recipes, res, run)
+            for batch in batch_sizes:
+                for res in resolutions:
+                    timed = models
+                    if teacher_max_resolution is not None and res > teacher_max_resolution:
+                        timed = models[1:]
+                        record["skipped"].append({"model": TEACHER, "resolution": res, "batch_size": batch,
+                                                  "reason": f"above teacher_max_resolution {teacher_max_resolution}"})
+                    if max_load is not None:
+                        wait_for_quiet(max_load, max_wait, say)
+                    _bench_resolution(record, timed, recipes, res, run, batch)
         if hasattr(os, "getloadavg"):
             record["environment"]["load_average_end"] = list(os.getloadavg())
         record["crossover"] = {
-            n: crossover([c for c in record["comparisons"] if c["student"] == n]) for n in names[1:]
+            n: crossover([c for c in record["comparisons"] if c["student"] == n and c["batch_size"] == batch_size])
+            for n in names[1:]
         }
         if train_steps:
             tres = train_resolution or resolutions[0]
@@ -283,9 +303,11 @@ def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: s
 
 
 def _bench_resolution(
-    record: dict[str, Any], models: list[tuple[str, nn.Module, Any]], recipes: dict[str, Any], res: int, run: _Run
+    record: dict[str, Any], models: list[tuple[str, nn.Module, Any]], recipes: dict[str, Any], res: int, run: _Run,
+    batch_size: int | None = None,
 ) -> None:
-    dev, dtype, batch_size, say = run.dev, run.dtype, run.batch_size, run.say
+    dev, dtype, say = run.dev, run.dtype, run.say
+    batch_size = run.batch_size if batch_size is None else batch_size
     x = torch.randn(batch_size, 3, res, res, generator=torch.Generator().manual_seed(0)).to(dev)
 
     def call(m: nn.Module) -> Callable[[], Any]:
@@ -309,7 +331,8 @@ def _bench_resolution(
     rows = {}
     for (name, m, _), t, fn in zip(models, times, fns):
         fl = flops_mod.model_flops(m, res, batch_size)
-        row = {"resolution": res, "model": name, "tokens": fl["tokens"], **summary(t, batch_size),
+        row = {"resolution": res, "batch_size": batch_size, "model": name, "tokens": fl["tokens"],
+               **summary(t, batch_size),
                "external_load": external, "flops": fl["total"],
                "gflops": None if fl["total"] is None else fl["total"] / 1e9,
                "flops_breakdown": {k: v for k, v in fl.items() if k not in ("tokens", "per_block")}}
@@ -335,6 +358,8 @@ def _bench_resolution(
                         row["memory_method"] = f"peak RSS growth in a fresh subprocess ({got['method']})"
         rows[name] = row
         record["results"].append(row)
+    if TEACHER not in rows:  # students only at this size: nothing to compare against
+        return
     t_row, t_times = rows[TEACHER], times[0]
     for (name, _, _), t in zip(models[1:], times[1:]):
         s_row = rows[name]
@@ -343,7 +368,7 @@ def _bench_resolution(
         mem = (t_row["peak_memory_mb"] / s_row["peak_memory_mb"]
                if t_row["peak_memory_mb"] and s_row["peak_memory_mb"] else None)
         record["comparisons"].append({
-            "resolution": res, "student": name, "tokens": s_row["tokens"],
+            "resolution": res, "batch_size": batch_size, "student": name, "tokens": s_row["tokens"],
             "speedup": speedup,
             "speedup_paired_median": statistics.median(a / b for a, b in zip(t_times, t)),
             "flop_bound": bound,

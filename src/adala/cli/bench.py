@@ -20,18 +20,28 @@ def _ints(value: str, what: str) -> list[int]:
 
 
 def format_table(record: dict) -> str:
-    """One line per resolution and student: img/s, speed-up, FLOP bound, fraction, memory."""
-    res = {(r["resolution"], r["model"]): r for r in record["results"]}
-    lines = [f"{'res':>5} {'tokens':>6} {'student':<14} {'teacher img/s':>13} {'student img/s':>13} "
+    """One line per batch size, resolution and student: img/s, speed-up, FLOP bound, fraction, memory
+    (teacher columns "-" where the teacher was not timed: ``--teacher-max-resolution``)."""
+    first = record["settings"]["batch_size"]
+    key = lambda r: (r.get("batch_size", first), r["resolution"])  # noqa: E731 - records before batch_sizes
+    rows = {(*key(r), r["model"]): r for r in record["results"]}
+    comps = {(*key(c), c["student"]): c for c in record["comparisons"]}
+    lines = [f"{'batch':>5} {'res':>5} {'tokens':>6} {'student':<14} {'teacher img/s':>13} {'student img/s':>13} "
              f"{'speed-up':>8} {'bound':>6} {'of bound':>8} {'mem T/S MiB':>15}"]
-    for c in record["comparisons"]:
-        t, s = res[(c["resolution"], "teacher")], res[(c["resolution"], c["student"])]
-        bound = "-" if c["flop_bound"] is None else f"{c['flop_bound']:.2f}x"
-        frac = "-" if c["fraction_of_bound"] is None else f"{100 * c['fraction_of_bound']:.0f}%"
-        mem = ("-" if t["peak_memory_mb"] is None or s["peak_memory_mb"] is None
-               else f"{t['peak_memory_mb']:.0f}/{s['peak_memory_mb']:.0f}")
-        lines.append(f"{c['resolution']:>5} {c['tokens']:>6} {c['student']:<14} {t['images_per_s']:>13.2f} "
-                     f"{s['images_per_s']:>13.2f} {c['speedup']:>7.2f}x {bound:>6} {frac:>8} {mem:>15}")
+    for r in record["results"]:
+        if r["model"] == "teacher":
+            continue
+        t, c = rows.get((*key(r), "teacher")), comps.get((*key(r), r["model"]), {})
+        bound = "-" if c.get("flop_bound") is None else f"{c['flop_bound']:.2f}x"
+        frac = "-" if c.get("fraction_of_bound") is None else f"{100 * c['fraction_of_bound']:.0f}%"
+        speed = "-" if not c else f"{c['speedup']:.2f}x"
+        mem_t = "-" if t is None or t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.0f}"
+        mem_s = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        t_ips = "-" if t is None else f"{t['images_per_s']:.2f}"
+        lines.append(f"{key(r)[0]:>5} {r['resolution']:>5} {r['tokens']:>6} {r['model']:<14} {t_ips:>13} "
+                     f"{r['images_per_s']:>13.2f} {speed:>8} {bound:>6} {frac:>8} {mem_t + '/' + mem_s:>15}")
+    for skip in record.get("skipped", []):
+        lines.append(f"skipped {skip['model']} at {skip['resolution']}px batch {skip['batch_size']}: {skip['reason']}")
     for name, cross in record.get("crossover", {}).items():
         where = f"≈{cross['resolution']:.0f}px" if cross.get("resolution") else cross.get("note", "")
         lines.append(f"crossover {name}: {where}")
@@ -64,14 +74,16 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         teacher = args.teacher or "dinov2-s14"
         students = args.attention or ["linear-elu"]
+    batch_sizes = _ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else [args.batch_size]
     record = bench(
-        teacher, students, _ints(args.resolutions, "--resolutions"), args.batch_size, args.device, args.dtype,
+        teacher, students, _ints(args.resolutions, "--resolutions"), batch_sizes, args.device, args.dtype,
         args.repeats, args.warmup, teacher_kwargs=teacher_kwargs, options=parse_options(args.option),
         keep_softmax=parse_keep(args.keep_softmax), memory=not args.no_memory, train_steps=args.train_steps,
         train_resolution=args.train_resolution, train_repeats=args.train_repeats, threads=args.threads,
         max_load=args.max_load, max_wait=args.max_wait, compile_feature_maps=args.compile,
         min_seconds=args.min_seconds, sdpa=args.sdpa_backend, cuda_graphs=args.cuda_graphs,
         progress=None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
+        teacher_max_resolution=args.teacher_max_resolution,
     )
     write_json(record, args.out)
     print(format_table(record))
@@ -98,6 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="blocks that keep exact softmax (default: none)")
     p.add_argument("--resolutions", default="224,448,672,896,1344", help="comma-separated image sizes")
     p.add_argument("--batch-size", type=int, default=1, help="images per timed forward")
+    p.add_argument("--batch-sizes", default=None, metavar="B,B",
+                   help="several batch sizes, e.g. 1,8 (each resolution at each; overrides --batch-size)")
+    p.add_argument("--teacher-max-resolution", type=int, default=None, metavar="PX",
+                   help="time only the students above this size (the softmax teacher is O(N²); default: no limit)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of the timed forward")
     p.add_argument("--sdpa-backend", default=None, choices=["flash", "efficient", "cudnn", "math"],

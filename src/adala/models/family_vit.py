@@ -16,6 +16,7 @@ from .. import attention as attention_registry
 from ..attention.base import KernelAttention
 from ..attention.grid import attach_patch_grid
 from .families import Family, register_family
+from .linear_block import install_streamed_blocks
 from .pos_embed import use_cached_pos_embed
 
 
@@ -49,6 +50,7 @@ class VitFamily(Family):
 
     def after_surgery(self, model: nn.Module) -> None:
         attach_patch_grid(model)  # kinds that work on the 2-D patch grid learn its true (non-square) size
+        install_streamed_blocks(list(getattr(model, "backbone", model).blocks))  # CPU inference streams
 
 
 VIT = register_family(VitFamily())

@@ -1,0 +1,301 @@
+"""A whole timm ViT block with linear attention, streamed over token chunks for CPU inference.
+
+Why a block and not just the attention: at high resolution every activation of a block is tens of
+MB (at 1344², batch 1, the MLP's hidden layer alone is 57 MB), and glibc serves each allocation above
+its mmap threshold (at most 32 MiB) from a fresh ``mmap`` that it unmaps again on ``free``: every
+forward then pays page faults and zeroing for every large temporary. ``adala.runtime.keep_freed_memory``
+hides that by changing process-wide allocator settings, which a library must not do behind its user's
+back. Linear attention needs only a (H, D, D) state per image, so the block can run in two passes
+over chunks of tokens instead, and no temporary is ever larger than one chunk:
+
+1. per chunk: norm1 -> qkv -> φ(k), v accumulated into the state φkᵀv (H, D, D) and Σφk (H, D);
+   φ(q) is kept (a reusable per-thread workspace, one image's (N, H·D) at most);
+2. per chunk: φq·state / normaliser -> proj -> residual (layer scale) -> norm2 -> MLP -> residual,
+   written straight into the block's output.
+
+Temporaries of a few MB are reused by the heap on every call without any allocator setting. Only the
+plain inference case streams: CPU, fp32/fp64, no autocast, no autograd, no tracer, no hooks on any
+module inside the block, no stochastic layers active, and an attention whose own fused path would run
+(``LinearAttention.can_fuse``; no dwc/norm/gate). Everything else runs timm's own ``Block.forward``.
+The input is never modified in place (``get_intermediate_layers`` keeps every block's output).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from timm.layers import DropPath, GluMlp, LayerScale, Mlp, SwiGLU
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.nn.modules import module as _module
+
+from ..attention.linear import LinearAttention
+from ..attention.ops import apply_feature_map_, workspace
+from ..errors import ConfigError
+from ..runtime import freed_memory_kept
+
+# Rows (tokens, summed over the images of a group) per chunk. Measured on ViT-S/14, fp32, 2 threads, in
+# plain processes (benchmarks/plain_process.py --chunk-sweep 512,1024,2048,2730 at 896² and 1344², load
+# average ~5 on 2 cores; README "Benchmarks"): minor faults per forward 147k/406k unstreamed against
+# 6-20k/10-12k at 1024-2048 rows, and on a busy machine fewer, larger chunks lose less to waiting for a
+# descheduled OpenMP thread (one wait per torch call): 2048 rows was the quickest (7.7 s / 15.3 s against
+# 9.3 s / 20.6 s at 1024). Its largest temporary, the MLP hidden layer (rows x 4·C), is 12 MB at C=384.
+CHUNK_TOKENS = 2048
+_PER_TOKEN_MLPS = (Mlp, GluMlp, SwiGLU)  # timm.layers.SwiGLUPacked is a GluMlp
+_STATE = {"chunk_tokens": CHUNK_TOKENS}
+
+
+def set_chunk_tokens(rows: int) -> int:
+    """Set the rows per chunk of the streamed forward (benchmarks sweep it); returns the old value."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"chunk tokens must be a positive integer, got {rows!r}")
+    old = _STATE["chunk_tokens"]
+    _STATE["chunk_tokens"] = rows
+    return old
+
+
+def _inactive(m: nn.Module) -> bool:
+    """A per-token module that does nothing at this call (identity, or dropout that is off)."""
+    if isinstance(m, nn.Identity):
+        return True
+    if isinstance(m, nn.Dropout):
+        return not m.training or m.p == 0
+    if isinstance(m, DropPath):
+        return not m.training or m.drop_prob == 0
+    return False
+
+
+def _no_hooks(block: nn.Module) -> bool:
+    """No forward hooks anywhere inside the block (the streamed path calls no submodule's ``__call__``
+    for norm1/attn/proj/ls, so a hook there would silently not fire) and none registered globally."""
+    if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules() if m is not block)
+
+
+def can_stream(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``streamed_forward(block, x)`` computes exactly what ``Block.forward(block, x)`` would."""
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, LinearAttention) or x.device.type != "cpu" or x.dim() != 3:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        return False
+    if not (attn.can_fuse(x) and not attn._takes_triton(x)):
+        return False
+    if not (isinstance(attn.norm, nn.Identity) and attn.gate is None and attn.dwc is None
+            and isinstance(attn.proj, nn.Linear) and _inactive(attn.proj_drop)):
+        return False
+    for name in ("norm1", "norm2"):
+        if not isinstance(getattr(block, name), (nn.LayerNorm, nn.Identity)):
+            return False
+    for name in ("ls1", "ls2"):
+        ls = getattr(block, name)
+        if not (isinstance(ls, nn.Identity) or (isinstance(ls, LayerScale) and not ls.inplace)):
+            return False
+    if not (_inactive(block.drop_path1) and _inactive(block.drop_path2)):
+        return False
+    if not isinstance(block.mlp, _PER_TOKEN_MLPS) or not all(
+        _inactive(m) for m in block.mlp.modules() if isinstance(m, (nn.Dropout, DropPath))
+    ):
+        return False
+    return _no_hooks(block)
+
+
+def _spans(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` near-equal [start, end) spans of range(n): no tiny last chunk."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, ls: nn.Module, out: torch.Tensor) -> None:
+    """out = x + ls(y) in one pass (``out`` may be ``x`` itself)."""
+    if isinstance(ls, LayerScale):
+        torch.addcmul(x, y, ls.gamma, out=out)
+    else:
+        torch.add(x, y, out=out)
+
+
+class _Attention:
+    """The linear attention's weights, prepared once per block call, and its per-chunk steps.
+
+    Each step is one or two whole-chunk torch calls: on a shared 2-core machine every extra small call
+    is another chance to wait for a descheduled OpenMP thread, so per-head loops are avoided (the
+    normaliser of all heads is one GEMM against a block-diagonal (H·D, H) matrix of Σφk)."""
+
+    def __init__(self, attn: LinearAttention, n: int) -> None:
+        self.attn, self.h, self.d, self.a = attn, attn.num_heads, attn.head_dim, attn.attn_dim
+        w = attn.qkv.weight
+        self.wt, self.bias = w.t(), attn.qkv.bias  # (C, 3A) view
+        tau = None if attn.log_tau is None else attn.log_tau.detach().exp()  # (2, H, 1)
+        self.tau = None if tau is None else tau.to(w.dtype)
+        # fold proj into the state from N >= C on, as LinearAttention.forward does
+        self.fold = n >= attn.proj.out_features
+        self.wpt = attn.proj.weight.t().reshape(self.h, self.d, -1)  # (H, D, C) rows of Wpᵀ per head
+        self.eps = torch.full((self.h,), attn.eps, dtype=w.dtype, device=w.device)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """[φ(q) | φ(k) | v] of normed tokens h (rows, C) -> (rows, 3A)."""
+        qkv = _addmm(self.bias, h, self.wt)
+        qk = qkv[:, : 2 * self.a]
+        if self.tau is not None:
+            qk.view(-1, 2, self.h, self.d).mul_(self.tau)
+        apply_feature_map_(self.attn.feature_map_name, qk)
+        return qkv
+
+    def heads(self, t: torch.Tensor, col: int = 0) -> torch.Tensor:
+        """(rows, ·) packed rows -> the (H, rows, D) strided view of the A columns from ``col``."""
+        return t[:, col: col + self.a].view(t.shape[0], self.h, self.d).transpose(0, 1)
+
+    def start_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero φkᵀv (H, D, D) and Σφk (A,) accumulators."""
+        w = self.wt
+        return w.new_zeros(self.h, self.d, self.d), w.new_zeros(self.a)
+
+    def add_to_state(self, qkv: torch.Tensor, state: torch.Tensor, ksum: torch.Tensor) -> None:
+        """Add one chunk's φkᵀv and Σφk (one batched GEMM and one GEMV)."""
+        k = self.heads(qkv, self.a)
+        state.baddbmm_(k.transpose(1, 2), self.heads(qkv, 2 * self.a))
+        ksum.addmv_(qkv[:, self.a: 2 * self.a].t(), qkv.new_ones(qkv.shape[0]))
+
+    def image_state(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """φkᵀv and Σφk of one whole image's rows."""
+        state = torch.bmm(self.heads(qkv, self.a).transpose(1, 2), self.heads(qkv, 2 * self.a))
+        return state, torch.mv(qkv[:, self.a: 2 * self.a].t(), qkv.new_ones(qkv.shape[0]))
+
+    def finish_state(self, state: torch.Tensor, ksum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matrices pass 2 multiplies by: KV_h Wp_hᵀ stacked (A, C) when folding (else KV itself), and
+        Σφk as a block-diagonal (A, H) matrix, so q·Σφk of every head is one GEMM."""
+        mat = torch.bmm(state, self.wpt).view(self.a, -1) if self.fold else state
+        diag = ksum.new_zeros(self.h, self.d, self.h)
+        torch.diagonal(diag, dim1=0, dim2=2).copy_(ksum.view(self.h, self.d).t())
+        return mat, diag.view(self.a, self.h)
+
+    def attend(self, q_rows: torch.Tensor, mat: torch.Tensor, ksum_diag: torch.Tensor, out: torch.Tensor) -> None:
+        """One image's chunk: φq rows (n, A) (overwritten when folding) -> proj(attention) into ``out`` (n, C)."""
+        n = q_rows.shape[0]
+        den = torch.addmm(self.eps, q_rows, ksum_diag).unsqueeze(-1)  # (n, H, 1): φq·Σφk + eps
+        q = q_rows.view(n, self.h, self.d)
+        proj = self.attn.proj
+        if self.fold:  # (φq/den)·(KV Wpᵀ) + b: the output projection's GEMM does the rest
+            q.div_(den)
+            _addmm(proj.bias, q_rows, mat, out)
+            return
+        num = torch.bmm(q.transpose(0, 1), mat)  # (H, n, D)
+        mixed = q_rows.new_empty(n, self.h, self.d)
+        torch.div(num.transpose(0, 1), den, out=mixed)
+        _addmm(proj.bias, mixed.view(n, self.a), proj.weight.t(), out)
+
+
+def _addmm(bias: torch.Tensor | None, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x @ wt (+ bias) for 2-D x, into ``out`` when given."""
+    if out is None:
+        return torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
+    if bias is None:
+        return torch.mm(x, wt, out=out)
+    return torch.addmm(bias, x, wt, out=out)
+
+
+def _plain_mlp(mlp: nn.Module) -> bool:
+    """timm's ``Mlp`` as ViTs build it: Linear -> GELU -> Linear (dropouts already known to be off)."""
+    return (type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+            and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity))
+
+
+def _mlp_residual(block: nn.Module, rows: torch.Tensor) -> None:
+    """rows (n, C) of the output, holding x + ls1(attn): add ls2(mlp(norm2(rows))) in place.
+
+    timm's ``Mlp`` runs inline with GELU in place: its module forward keeps the hidden layer before and
+    after GELU alive together (2 x rows x 4·C), and glibc returns a freed heap top larger than twice its
+    largest recent mmap to the OS (``M_TRIM_THRESHOLD``'s dynamic default), so the next chunk would
+    page-fault it in again; one hidden buffer stays under that."""
+    mlp = block.mlp
+    if _plain_mlp(mlp):
+        hidden = _addmm(mlp.fc1.bias, block.norm2(rows), mlp.fc1.weight.t())
+        torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
+        y = _addmm(mlp.fc2.bias, hidden, mlp.fc2.weight.t())
+        del hidden
+    else:
+        y = mlp(block.norm2(rows))
+    _residual(rows, y, block.ls2, rows)
+
+
+def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``Block.forward(block, x)`` for (B, N, C) ``x`` in two passes over token chunks (module docstring).
+
+    Only valid where :func:`can_stream` holds. Images of a batch whose whole sequence fits in one chunk
+    run together (``chunk_tokens // N`` images per group); longer sequences run one image at a time, with
+    φ(q) of that image kept in this thread's workspace (``adala.attention.ops.clear_workspace`` frees it;
+    a plain buffer instead where ``adala.runtime.keep_freed_memory`` is in effect).
+    """
+    b, n, c = x.shape
+    chunk = _STATE["chunk_tokens"]
+    att = _Attention(block.attn, n)
+    out = torch.empty((b, n, c), dtype=x.dtype, device=x.device)
+    if n <= chunk:  # groups of whole images: one pass over each group's rows
+        group = max(1, min(b, chunk // n))
+        for g0, g1 in _spans(b, math.ceil(b / group)):
+            _whole_images(block, att, x[g0:g1].reshape(-1, c), out[g0:g1].view(-1, c), n)
+        return out
+    spans = _spans(n, math.ceil(n / chunk))
+    if freed_memory_kept():  # the heap reuses a fresh buffer already, and it is gone after the block
+        q_store = x.new_empty(n, att.a)
+    else:
+        q_store = workspace(n * att.a, x.dtype, x.device).view(n, att.a)
+    for i in range(b):
+        state, ksum = att.start_state()
+        for s, e in spans:  # pass 1: the state over all tokens; φq kept
+            qkv = att.project(block.norm1(x[i, s:e]))
+            att.add_to_state(qkv, state, ksum)
+            q_store[s:e].copy_(qkv[:, : att.a])
+            del qkv
+        mat, ksum_diag = att.finish_state(state, ksum)
+        for s, e in spans:  # pass 2: attention output, residuals and MLP, written into out
+            rows = out[i, s:e]
+            mixed = x.new_empty(e - s, c)
+            att.attend(q_store[s:e], mat, ksum_diag, mixed)
+            _residual(x[i, s:e], mixed, block.ls1, rows)
+            del mixed
+            _mlp_residual(block, rows)
+    return out
+
+
+def _whole_images(block: nn.Module, att: _Attention, x_rows: torch.Tensor, out_rows: torch.Tensor, n: int) -> None:
+    """A group of whole images as (G·N, C) rows: one GEMM per projection over the group, the attention
+    state per image from strided views of the packed projections (no copies)."""
+    qkv = att.project(block.norm1(x_rows))
+    mixed = x_rows.new_empty(x_rows.shape)
+    for s in range(0, x_rows.shape[0], n):
+        image = qkv[s: s + n]
+        mat, ksum_diag = att.finish_state(*att.image_state(image))
+        att.attend(image[:, : att.a], mat, ksum_diag, mixed[s: s + n])
+    del qkv
+    _residual(x_rows, mixed, block.ls1, out_rows)
+    del mixed
+    _mlp_residual(block, out_rows)
+
+
+class LinearBlock(Block):
+    """timm's ``Block`` that streams its forward when :func:`can_stream` holds (installed by surgery on
+    blocks that get a linear attention; the class swap keeps every parameter, buffer and state-dict key)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        plain = not args and kwargs.get("attn_mask") is None and not kwargs.get("is_causal", False)
+        if plain and can_stream(self, x):
+            return streamed_forward(self, x)
+        return super().forward(x, *args, **kwargs)
+
+
+def install_streamed_blocks(blocks: list[nn.Module]) -> int:
+    """Make every plain timm ``Block`` among ``blocks`` whose attention is a LinearAttention a
+    :class:`LinearBlock` (in place; subclasses of ``Block`` with their own forward are left alone).
+    Returns how many blocks were switched."""
+    switched = 0
+    for block in blocks:
+        if type(block) is Block and isinstance(getattr(block, "attn", None), LinearAttention):
+            block.__class__ = LinearBlock
+            switched += 1
+    return switched
+
