@@ -210,3 +210,12 @@ def test_chunk_size_is_checked():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ConfigError, match="chunk tokens"):
             lb.set_chunk_tokens(bad)
+
+
+def test_options_outside_the_stream_are_not_streamed():
+    """dwc needs the whole patch grid and out_gate the block input: both take timm's path, and agree with it."""
+    teacher = tiny_teacher("vit_small_patch14_dinov2", init_values=0.1)
+    x = torch.randn(1, 20, 64)
+    for options in ({"dwc": 3}, {"out_gate": 4}):
+        block = adala.linearize(teacher, **options).eval().blocks[0]
+        assert not _eligible(block, x), options

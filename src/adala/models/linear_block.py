@@ -84,7 +84,7 @@ def can_stream(block: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not (attn.can_fuse(x) and not attn._takes_triton(x)):
         return False
-    if not (isinstance(attn.norm, nn.Identity) and attn.gate is None and attn.dwc is None
+    if not (isinstance(attn.norm, nn.Identity) and attn.gate is None and attn.out_gate is None and attn.dwc is None
             and isinstance(attn.proj, nn.Linear) and _inactive(attn.proj_drop)):
         return False
     for name in ("norm1", "norm2"):
