@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -175,13 +176,15 @@ def train_steps(
     stages: Sequence[str] = STAGES,
     memory_stages: Sequence[str] = (),
     memory_recipes: dict[str, dict] | None = None,
+    memory_repeats: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Step times of every stage for the teacher's architecture and each student, per resolution, interleaved,
     with FLOPs, the FLOP bound and the fraction of it reached; peak memory for ``memory_stages``.
 
     Every model is a deep copy (given modules are untouched). On CPU memory needs ``memory_recipes``: name ->
-    the ``memchild`` recipe that rebuilds the model (``"teacher"`` included) with ``"teacher_source"``."""
+    the ``memchild`` recipe that rebuilds the model (``"teacher"`` included) with ``"teacher_source"``; a CPU peak is
+    the median of ``memory_repeats`` fresh processes (single RSS readings of one step vary by several percent)."""
     say = progress or (lambda _msg: None)
     stages = check_stages(stages)
     memory_stages = [s for s in check_stages(memory_stages) if s in stages] if memory_stages else []
@@ -205,7 +208,7 @@ def train_steps(
             say(f"train {stage} at {res}px: {len(steps)} models x {repeats} interleaved steps")
             probe = ExternalLoad().start()
             try:
-                times = interleaved([lambda s=s: s(x) for s in steps.values()], device, repeats, warmup)
+                times = interleaved([lambda s=s, x=x: s(x) for s in steps.values()], device, repeats, warmup)
             finally:
                 for s in steps.values():
                     s.release()
@@ -224,7 +227,8 @@ def train_steps(
             gc.collect()
             if stage in memory_stages:
                 for name in models:
-                    _measure_memory(rows[name], stage, teacher, models[name], x, device, dtype, memory_recipes, say)
+                    _measure_memory(rows[name], stage, teacher, models[name], x, device, dtype, memory_recipes,
+                                    memory_repeats, say)
             out["results"].extend(rows.values())
             t_row = rows[TEACHER_ARCH]
             for name in students:
@@ -246,7 +250,7 @@ def train_steps(
 
 
 def _measure_memory(row: dict[str, Any], stage: str, teacher: nn.Module, model: nn.Module, x: torch.Tensor,
-                    device: torch.device, dtype: str, recipes: dict[str, dict] | None,
+                    device: torch.device, dtype: str, recipes: dict[str, dict] | None, repeats: int,
                     say: Callable[[str], None]) -> None:
     name, res = row["model"], row["resolution"]
     if device.type == "cuda":
@@ -260,10 +264,13 @@ def _measure_memory(row: dict[str, Any], stage: str, teacher: nn.Module, model: 
     if recipe is None or "error" in recipe:
         row["memory_error"] = (recipe or {}).get("error", "no recipe to rebuild the model in a subprocess")
         return
-    say(f"train {stage} at {res}px: peak memory of {name} (subprocess)")
-    got = subprocess_peak_rss({**recipe, "train_stage": stage, "resolution": res, "batch_size": x.shape[0],
-                               "dtype": dtype, "threads": torch.get_num_threads()})
-    if "error" in got:
-        row["memory_error"] = got["error"]
-    else:
-        row["peak_memory_mb"] = got["peak_bytes"] / 2**20
+    peaks = []
+    for i in range(repeats):
+        say(f"train {stage} at {res}px: peak memory of {name} (subprocess {i + 1}/{repeats})")
+        got = subprocess_peak_rss({**recipe, "train_stage": stage, "resolution": res, "batch_size": x.shape[0],
+                                   "dtype": dtype, "threads": torch.get_num_threads()})
+        if "error" in got:
+            row["memory_error"] = got["error"]
+            return
+        peaks.append(got["peak_bytes"] / 2**20)
+    row["peak_memory_mb"], row["peak_memory_mb_all"] = statistics.median(peaks), peaks
