@@ -122,12 +122,16 @@ def test_bf16_autocast_sums_in_fp32():
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=3e-2, atol=3e-2)
 
 
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    return adala.load_teacher("dinov2-s14", pretrained=False, img_size=56, depth=1, embed_dim=32, num_heads=2).double()
+
+
 @pytest.mark.parametrize("kind", ["linear-elu", "linear-relu"])
 @pytest.mark.parametrize("options", [{}, {"temperature": True}, {"dwc": 3}])
-def test_module_training_path_matches_plain_mix(kind, options):
-    """LinearAttention's packed training path (folded proj, dwc) against kernel="torch" in float64."""
-    teacher = adala.load_teacher("dinov2-s14", pretrained=False, img_size=56, depth=1, embed_dim=32, num_heads=2)
-    teacher = teacher.double()
+def test_module_training_path_matches_plain_mix(tiny_teacher, kind, options):
+    """LinearAttention's packed training path (folded proj, dwc) against kernel="torch" (split q, k, v) in float64."""
+    teacher = tiny_teacher
     fast = adala.linearize(teacher, kind, **options).double().train()
     ref = adala.linearize(teacher, kind, kernel="torch", **options).double().train()
     for m in (fast, ref):
