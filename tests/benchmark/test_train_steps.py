@@ -29,10 +29,8 @@ def test_stage1_trains_attention_without_proj_in_both_architectures(teacher):
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trained and all(".attn." in n and ".proj." not in n for n in trained)
         assert len({n.split(".attn.")[0] for n in trained}) == len(attention_modules(model))  # every block
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
         step(torch.randn(2, 3, 28, 28))
-        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        assert changed and changed <= trained
+        assert {n for n, p in model.named_parameters() if p.grad is not None} == trained  # the loss reached them
         step.release()
     assert not any(a._forward_hooks for a in attention_modules(teacher))
 
