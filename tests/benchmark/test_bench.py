@@ -96,15 +96,19 @@ def test_bench_api_record_has_every_field():
         assert c["fraction_of_bound"] == pytest.approx(c["speedup"] / c["flop_bound"])
     assert "linear-elu" in record["crossover"]
     ts = record["train_steps"]
-    assert ts["resolution"] == 56
-    for stage in ("stage1", "stage2"):
-        (row,) = ts[stage]
-        assert row["model"] == "linear-elu" and row["steps_per_s"] > 0 and row["trainable_params"] > 0
+    assert ts["resolutions"] == [56] and ts["batch_size"] == 2 and ts["stages"] == ["stage1", "stage2", "finetune"]
+    rows = {(r["stage"], r["model"]): r for r in ts["results"]}
+    assert set(rows) == {(s_, m) for s_ in ts["stages"] for m in ("teacher", "linear-elu")}
+    for row in rows.values():
+        assert row["steps_per_s"] > 0 and row["trainable_params"] > 0 and row["train_flops"] > 0
     # the stages' own objectives ran (there is no fallback to a private copy)
-    assert ts["stage1"][0]["objective"] == "adala.stages.align_attention.AttentionAlignment"
-    assert ts["stage2"][0]["objective"] == "adala.stages.align_features.FeatureAlignment"
-    # stage 1 trains attention only, stage 2 everything
-    assert ts["stage1"][0]["trainable_params"] < ts["stage2"][0]["trainable_params"]
+    assert rows[("stage1", "linear-elu")]["objective"] == "adala.stages.align_attention.AttentionAlignment"
+    assert rows[("stage2", "linear-elu")]["objective"] == "adala.stages.align_features.FeatureAlignment"
+    # stage 1 trains attention only (the same set in both architectures), stage 2 everything
+    assert rows[("stage1", "linear-elu")]["trainable_params"] < rows[("stage2", "linear-elu")]["trainable_params"]
+    assert rows[("stage1", "teacher")]["trainable_params"] == rows[("stage1", "linear-elu")]["trainable_params"]
+    for c in ts["comparisons"]:
+        assert c["fraction_of_bound"] == pytest.approx(c["speedup"] / c["flop_bound"])
     json.dumps(record)  # JSON-serialisable as is
 
 

@@ -3,8 +3,13 @@
 Inference (no autograd) straight from the packed qkv projection: on CUDA two Triton kernels
 (``triton_kernels``, any dtype or autocast); on CPU (fp32/fp64, no autocast) a fused torch kernel
 with the output projection folded into the attention state when nothing sits between them
-(``fused_linear_attention_proj``). Everything else (training, CPU autocast, hooks on ``qkv``, q/k
-norms, ``kernel="torch"``) goes through ``mix`` and the shared plumbing. Results agree to float rounding.
+(``fused_linear_attention_proj``). Training (autograd) of the plain kind runs from the packed projection
+too, through ``recompute.packed_linear_attention_recompute``: autograd keeps only the projection and the
+output the ``proj`` layer needs anyway, which keeps a student's training step within its softmax teacher's
+memory. Everything else (CPU autocast inference, hooks on ``qkv`` at inference, q/k norms, ``temperature``,
+``kernel="torch"``) goes through ``mix`` and the shared plumbing; ``mix`` with autograd uses
+``recompute.linear_attention_recompute`` (same savings but for the reshape copies around it). Results agree
+to float rounding.
 
 Two options work against *attention dilution* — at thousands of tokens φ(q)·φ(k) is far flatter than softmax,
 so every output drifts towards the mean value — and both start as exact identities of the plain kind:
@@ -42,6 +47,7 @@ from .ops import (
     linear_attention,
     packed_projection,
 )
+from .recompute import linear_attention_recompute, packed_linear_attention_recompute
 from .registry import register
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -87,7 +93,10 @@ class LinearAttention(KernelAttention):
         if self.log_tau is not None:
             tau = self.log_tau.exp().to(q.dtype).view(2, 1, self.num_heads, 1, 1)  # against (B, H, N, D)
             q, k = q * tau[0], k * tau[1]
-        out = linear_attention(self.feature_map(q), self.feature_map(k), v, self.eps)
+        if torch.is_grad_enabled() and not is_tracing() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out = linear_attention_recompute(q, k, v, self.feature_map_name, self.eps)  # saves q, k, v only
+        else:
+            out = linear_attention(self.feature_map(q), self.feature_map(k), v, self.eps)
         if self.dwc is not None:
             b, h, n, d = v.shape
             conv = self.local_conv(v.transpose(1, 2).reshape(b, n, h * d)).view(b, -1, h, d).transpose(1, 2)
@@ -102,15 +111,28 @@ class LinearAttention(KernelAttention):
         grid = v_tokens[:, prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
         return self.dwc(grid).flatten(2).transpose(1, 2)
 
+    def _records_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _packed_training(self, x: torch.Tensor) -> bool:
+        """Autograd from the packed projection: the plain mix (no q/k norm, no subclass mix, no temperature,
+        whose scale would have to be applied out of place first) and ``kernel="auto"``."""
+        return (
+            self.kernel == "auto"
+            and self.log_tau is None
+            and self._records_grad(x)
+            and not is_tracing()
+            and isinstance(self.q_norm, nn.Identity)
+            and isinstance(self.k_norm, nn.Identity)
+            and type(self).mix is LinearAttention.mix
+        )
+
     def _plain_inference(self, x: torch.Tensor) -> bool:
         """No autograd, no tracer, no hooks on ``qkv`` and the plain mix (no q/k norm, no subclass mix):
         what every fused path needs, since it reads (CPU: overwrites) the packed projection directly."""
-        records_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
         return (
             self.kernel == "auto"
-            and not records_grad
+            and not self._records_grad(x)
             and not is_tracing()  # tracers get the plain functional path (no out=, no workspace)
             and isinstance(self.q_norm, nn.Identity)
             and isinstance(self.k_norm, nn.Identity)
@@ -142,6 +164,15 @@ class LinearAttention(KernelAttention):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        if attn_mask is None and self._packed_training(x):
+            qkv = self.qkv(x)
+            if self.can_fold_proj():  # the attention output is recomputed for proj's backward, not kept
+                out = packed_linear_attention_recompute(qkv, self.num_heads, self.head_dim, self.feature_map_name,
+                                                        self.eps, self.proj.weight, self.proj.bias)
+                return self.proj_drop(out)
+            out = packed_linear_attention_recompute(qkv, self.num_heads, self.head_dim, self.feature_map_name,
+                                                    self.eps)
+            return self._finish(out, qkv, x)
         if attn_mask is None and self._takes_triton(x):
             return self._triton_forward(x)
         if attn_mask is not None or not self.can_fuse(x):

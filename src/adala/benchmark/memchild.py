@@ -3,7 +3,10 @@
 A fresh process per case, so each peak starts from a clean allocator and nothing another case
 allocated is counted; a warm-up forward at a tiny size keeps library start-up out of the number.
 Reads the recipe (``{"source": {"teacher", "teacher_kwargs"} | {"model_dir"}, "attention",
-"options", "keep_softmax", "resolution", "batch_size", "dtype", "threads"}``) as JSON on stdin.
+"options", "keep_softmax", "resolution", "batch_size", "dtype", "threads"}``) as JSON on stdin. With
+``"train_stage"`` (and ``"teacher_source"``, built the same way) the measured call is one training step of that
+stage (``train_steps.TrainStep``) instead of a forward; the warm-up is then a step at the tiny size, so the
+optimizer state exists before the measurement and only the step's own memory is counted.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..models import linearize, load_model, load_teacher
 from ..models.surgery import backbone_of
 from ..runtime import keep_freed_memory
 from .measure import precision, proc_status_kb, reset_peak_rss
+from .train_steps import TrainStep
 
 
 def build(recipe: dict) -> torch.nn.Module:
@@ -43,26 +47,38 @@ def main() -> int:
         torch.set_num_threads(int(recipe["threads"]))
     if recipe.get("compile_feature_maps"):
         set_compiled_feature_maps(True)
-    vit = backbone_of(build(recipe))
+    model = build(recipe)
+    vit = backbone_of(model)
     s = int(recipe["resolution"])
     x = torch.randn(int(recipe["batch_size"]), 3, s, s, generator=torch.Generator().manual_seed(0))
     device = torch.device("cpu")
-    # one forward at a tiny size first: library initialisation (thread pools, BLAS/oneDNN code pages)
-    # would otherwise be counted as this model's memory, and it retains almost nothing of its own
+    dtype = recipe.get("dtype", "fp32")
     p = vit.patch_embed.patch_size[0]
-    with torch.inference_mode(), precision(device, recipe.get("dtype", "fp32")):
-        vit.forward_features(torch.zeros(1, 3, 2 * p, 2 * p))
+    tiny = torch.zeros(1, 3, 2 * p, 2 * p)
+    if recipe.get("train_stage"):
+        step = TrainStep(recipe["train_stage"], build({"source": recipe["teacher_source"]}), model.train(), device,
+                         dtype)
+
+        def call(inp: torch.Tensor) -> None:
+            step(inp)
+            step.opt.zero_grad(set_to_none=True)  # gradients go with the step that made them
+    else:
+        def call(inp: torch.Tensor) -> None:
+            with torch.inference_mode(), precision(device, dtype):
+                vit.forward_features(inp)
+
+    # one call at a tiny size first: library initialisation (thread pools, BLAS/oneDNN code pages, the
+    # optimizer's state) would otherwise be counted as this model's memory; it retains little of its own
+    call(tiny)
     gc.collect()
     before = proc_status_kb("VmRSS")
     if before is not None and reset_peak_rss():
-        with torch.inference_mode(), precision(device, recipe.get("dtype", "fp32")):
-            vit.forward_features(x)
+        call(x)
         peak = proc_status_kb("VmHWM")
         out = {"peak_bytes": max(0, peak - before) * 1024, "method": "VmHWM-VmRSS"}
     else:  # no /proc: a lower bound, since ru_maxrss also holds the loading peak
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with torch.inference_mode(), precision(device, recipe.get("dtype", "fp32")):
-            vit.forward_features(x)
+        call(x)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = {"peak_bytes": max(0, after - before) * 1024, "method": "ru_maxrss growth (lower bound)"}
     print(json.dumps(out))

@@ -47,7 +47,8 @@ from .measure import (
     summary,
     wait_for_quiet,
 )
-from .train import train_throughput
+from .train_steps import STAGES, check_stages
+from .train_steps import train_steps as _train_steps
 
 FORMAT = "adala-bench/1"
 TEACHER = "teacher"
@@ -113,6 +114,11 @@ def bench(
     train_steps: bool = False,
     train_resolution: int | None = None,
     train_repeats: int = 3,
+    train_resolutions: Sequence[int] | None = None,
+    train_batch_size: int = 2,
+    train_stages: Sequence[str] = STAGES,
+    train_memory: Sequence[str] = (),
+    train_memory_repeats: int = 1,
     threads: int | None = None,
     max_load: float | None = None,
     max_wait: float = 600.0,
@@ -128,9 +134,12 @@ def bench(
     ``teacher``: a teacher spec (``adala.load_teacher``; ``teacher_kwargs`` go with it) or a module.
     ``students``: attention kinds, each built with ``adala.linearize(teacher, kind, keep_softmax,
     **options)``, or a mapping name -> model or saved model directory.
-    ``train_steps`` adds stage-1/stage-2 optimiser-step throughput at ``train_resolution``
-    (default: the smallest resolution). ``max_load``: before timing each resolution, wait (up to
-    ``max_wait`` s) until other processes use fewer CPU cores than this; every result row records
+    ``train_steps`` adds ``benchmark.train_steps``: stage-1, stage-2 and fine-tune optimiser steps of the
+    teacher's architecture and each student at ``train_resolutions`` (or the one ``train_resolution``; default
+    the smallest resolution), batch ``train_batch_size``, with the training FLOP bound; peak memory per step
+    for the stages in ``train_memory`` (CPU: students built from a teacher spec only; median of
+    ``train_memory_repeats`` processes). ``max_load``: before timing each resolution, wait (up to ``max_wait`` s)
+    until other processes use fewer CPU cores than this; every result row records
     the cores other processes used while it was timed (``external_load``), quiet or not.
     ``min_seconds``: time each model at least this long per resolution (more rounds than ``repeats``
     where a forward is quick, since a 3 % difference at 224² is within one round's drift).
@@ -259,11 +268,14 @@ def bench(
             for n in names[1:]
         }
         if train_steps:
-            tres = train_resolution or resolutions[0]
-            _check_resolutions(teacher, [tres])
-            say(f"train steps at {tres}px")
-            record["train_steps"] = train_throughput(
-                teacher, {n: m for n, m, _ in models[1:]}, tres, batch_size, dev, dtype, train_repeats, warmup
+            tres = _check_resolutions(teacher, train_resolutions or [train_resolution or resolutions[0]])
+            check_positive(train_batch_size, "train_batch_size")
+            record["train_steps"] = _train_steps(
+                teacher, {n: m for n, m, _ in models[1:]}, tres, train_batch_size, dev, dtype, train_repeats, warmup,
+                stages=check_stages(train_stages), memory_stages=list(train_memory),
+                memory_recipes=_train_recipes(models), memory_repeats=check_positive(train_memory_repeats,
+                                                                                     "train_memory_repeats"),
+                progress=say,
             )
     finally:
         set_compiled_feature_maps(old_compile)
@@ -300,6 +312,20 @@ def _recipes(models: list[tuple[str, nn.Module, dict | None]], run: _Run, tmp: s
             recipe = {**recipe, "keep_freed_memory": True}
         recipes[name] = recipe
     return recipes
+
+
+def _train_recipes(models: list[tuple[str, nn.Module, dict | None]]) -> dict[str, dict]:
+    """How the training-memory subprocess rebuilds each model and its teacher (spec-built models only)."""
+    teacher_recipe = models[0][2]
+    if not teacher_recipe or "teacher" not in teacher_recipe["source"]:
+        return {n: {"error": "training memory on CPU needs the teacher given as a spec"} for n, _, _ in models}
+    out: dict[str, dict] = {}
+    for name, _, recipe in models:
+        out[name] = ({**recipe, "teacher_source": teacher_recipe["source"]} if recipe else
+                     {"error": "training memory on CPU needs models built from the teacher spec"})
+        if freed_memory_kept() and recipe:
+            out[name]["keep_freed_memory"] = True
+    return out
 
 
 def _bench_resolution(

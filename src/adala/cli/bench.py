@@ -45,11 +45,30 @@ def format_table(record: dict) -> str:
     for name, cross in record.get("crossover", {}).items():
         where = f"≈{cross['resolution']:.0f}px" if cross.get("resolution") else cross.get("note", "")
         lines.append(f"crossover {name}: {where}")
-    for stage in ("stage1", "stage2"):
-        for row in record.get("train_steps", {}).get(stage, []):
-            lines.append(f"train {stage} {row['model']}: {row['steps_per_s']:.2f} steps/s "
-                         f"({row['images_per_s']:.2f} img/s) at {record['train_steps']['resolution']}px")
+    if "train_steps" in record:
+        lines.append(format_train_table(record["train_steps"]))
     return "\n".join(lines)
+
+
+def format_train_table(ts: dict) -> str:
+    """One line per stage, resolution and student: step ms, speed-up, training FLOP bound, fraction, memory."""
+    res = {(r["stage"], r["resolution"], r["model"]): r for r in ts["results"]}
+    lines = [f"train steps, batch {ts['batch_size']}:",
+             f"{'stage':<9} {'res':>5} {'student':<14} {'teacher ms':>10} {'student ms':>10} {'speed-up':>8} "
+             f"{'bound':>6} {'of bound':>8} {'mem T/S MiB':>13}"]
+    for c in ts["comparisons"]:
+        t, s = res[(c["stage"], c["resolution"], "teacher")], res[(c["stage"], c["resolution"], c["student"])]
+        bound = "-" if c["flop_bound"] is None else f"{c['flop_bound']:.2f}x"
+        frac = "-" if c["fraction_of_bound"] is None else f"{100 * c['fraction_of_bound']:.0f}%"
+        mem = ("-" if t["peak_memory_mb"] is None or s["peak_memory_mb"] is None
+               else f"{t['peak_memory_mb']:.0f}/{s['peak_memory_mb']:.0f}")
+        lines.append(f"{c['stage']:<9} {c['resolution']:>5} {c['student']:<14} {t['step_ms']:>10.0f} "
+                     f"{s['step_ms']:>10.0f} {c['speedup']:>7.2f}x {bound:>6} {frac:>8} {mem:>13}")
+    return "\n".join(lines)
+
+
+def _stages(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -79,7 +98,10 @@ def _bench(args: argparse.Namespace) -> int:
         teacher, students, _ints(args.resolutions, "--resolutions"), batch_sizes, args.device, args.dtype,
         args.repeats, args.warmup, teacher_kwargs=teacher_kwargs, options=parse_options(args.option),
         keep_softmax=parse_keep(args.keep_softmax), memory=not args.no_memory, train_steps=args.train_steps,
-        train_resolution=args.train_resolution, train_repeats=args.train_repeats, threads=args.threads,
+        train_resolution=args.train_resolution, train_repeats=args.train_repeats,
+        train_resolutions=_ints(args.train_resolutions, "--train-resolutions") if args.train_resolutions else None,
+        train_batch_size=args.train_batch_size, train_memory=_stages(args.train_memory),
+        train_memory_repeats=args.train_memory_repeats, threads=args.threads,
         max_load=args.max_load, max_wait=args.max_wait, compile_feature_maps=args.compile,
         min_seconds=args.min_seconds, sdpa=args.sdpa_backend, cuda_graphs=args.cuda_graphs,
         progress=None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
@@ -132,9 +154,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for --max-load, seconds")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the linear feature map (one pass; first call compiles for tens of s)")
-    p.add_argument("--train-steps", action="store_true", help="also time stage-1 and stage-2 optimiser steps")
+    p.add_argument("--train-steps", action="store_true",
+                   help="also time stage-1, stage-2 and fine-tune optimiser steps, teacher architecture vs students")
     p.add_argument("--train-resolution", type=int, default=None,
-                   help="resolution for --train-steps (default: the first --resolutions entry)")
+                   help="one resolution for --train-steps (default: the first --resolutions entry)")
+    p.add_argument("--train-resolutions", default=None, metavar="R1,R2",
+                   help="comma-separated resolutions for --train-steps (overrides --train-resolution)")
+    p.add_argument("--train-batch-size", type=int, default=2, help="images per optimiser step with --train-steps")
+    p.add_argument("--train-memory", default=None, metavar="STAGES",
+                   help="peak memory per step for these stages, e.g. stage2 (CPU: a fresh subprocess per case; "
+                        "default: none)")
+    p.add_argument("--train-memory-repeats", type=int, default=1, metavar="K",
+                   help="fresh processes per --train-memory case (median reported)")
     p.add_argument("--train-repeats", type=int, default=3, help="timed optimiser steps per stage with --train-steps")
     p.add_argument("--out", required=True, help="JSON output path")
     p.add_argument("--plot", default=None, help="PNG output path (default: no plot)")
