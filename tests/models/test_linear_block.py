@@ -195,7 +195,9 @@ def test_saved_student_streams_again(tmp_path):
         torch.testing.assert_close(loaded.forward_features(x), student.eval().forward_features(x))
 
 
-def test_workspace_holds_one_image_of_queries_until_cleared(chunk):
+def test_workspace_holds_one_image_of_queries_until_cleared(chunk, monkeypatch):
+    # an earlier test in the same process may have called keep_freed_memory(): then φ(q) goes to a plain buffer
+    monkeypatch.setattr(lb, "freed_memory_kept", lambda: False)
     student = _student()
     ops.clear_workspace()
     x = torch.randn(3, 50, 64, dtype=torch.float64)

@@ -133,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolutions", default="224,448,672,896,1344", help="comma-separated image sizes")
     p.add_argument("--batch-size", type=int, default=1, help="images per timed forward")
     p.add_argument("--batch-sizes", default=None, metavar="B,B",
-                   help="several batch sizes, e.g. 1,8 (each resolution at each; overrides --batch-size)")
+                   help="several batch sizes, e.g. 1,8 (each resolution at each; default: --batch-size alone)")
     p.add_argument("--teacher-max-resolution", type=int, default=None, metavar="PX",
                    help="time only the students above this size (the softmax teacher is O(N²); default: no limit)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time")
@@ -159,7 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-resolution", type=int, default=None,
                    help="one resolution for --train-steps (default: the first --resolutions entry)")
     p.add_argument("--train-resolutions", default=None, metavar="R1,R2",
-                   help="comma-separated resolutions for --train-steps (overrides --train-resolution)")
+                   help="comma-separated resolutions for --train-steps (default: --train-resolution alone)")
     p.add_argument("--train-batch-size", type=int, default=2, help="images per optimiser step with --train-steps")
     p.add_argument("--train-memory", default=None, metavar="STAGES",
                    help="peak memory per step for these stages, e.g. stage2 (CPU: a fresh subprocess per case; "
