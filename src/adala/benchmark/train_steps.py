@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..models.families import family_of
 from ..models.heads import ClassificationModel
 from ..models.surgery import attention_modules, backbone_of
-from ..stages.align_attention import AttentionAlignment
+from ..stages.align_attention import AttentionAlignment, trainable_attention_params
 from ..stages.align_features import FeatureAlignment
 from ..stages.finetune import TaskObjective
 from . import flops as flops_mod
@@ -79,17 +79,6 @@ def _stage1_blocks(model: nn.Module) -> list[int]:
     return linear or list(range(len(mods)))
 
 
-def _freeze_for_stage1(model: nn.Module, blocks: list[int]) -> None:
-    """``trainable_attention_params(..., "attention")`` for the given blocks: attention without ``proj``."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mods = attention_modules(backbone_of(model))
-    for i in blocks:
-        for name, p in mods[i].named_parameters():
-            if not (name.startswith("proj.") or name.startswith("proj_drop.")):
-                p.requires_grad_(True)
-
-
 class TrainStep:
     """One optimiser step of ``stage`` for ``model`` (modified: its trainable set, a head for ``finetune``).
 
@@ -102,7 +91,7 @@ class TrainStep:
         teacher.eval()
         if stage == "stage1":
             blocks = _stage1_blocks(model)
-            _freeze_for_stage1(model, blocks)
+            trainable_attention_params(model, "attention", blocks)
             self.objective: nn.Module = AttentionAlignment(teacher, model, trainable="attention")
             self.objective.blocks = blocks  # the teacher-architecture copy has no linear blocks to pick from
         elif stage == "stage2":

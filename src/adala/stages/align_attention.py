@@ -34,8 +34,9 @@ from .result import StageResult, finish, finished_result, stage_options
 TRAINABLE = ("attention", "attention+proj", "all")
 
 
-def trainable_attention_params(student: nn.Module, trainable: str) -> list[str]:
-    """Freeze the student except what ``trainable`` names, in the blocks whose attention was swapped.
+def trainable_attention_params(student: nn.Module, trainable: str, blocks: list[int] | None = None) -> list[str]:
+    """Freeze the student except what ``trainable`` names, in the blocks whose attention was swapped
+    (or in ``blocks``: the training-step benchmark trains a softmax copy of the teacher the same way).
 
     ``attention``: q/k/v projections and the kind's own parameters (everything in ``attn`` but ``proj``);
     ``attention+proj``: the whole attention module; ``all``: attention module and the block's ``norm1``
@@ -49,7 +50,7 @@ def trainable_attention_params(student: nn.Module, trainable: str) -> list[str]:
     vit = backbone_of(student)
     names = []
     for i, (block, attn) in enumerate(zip(family_of(vit).blocks(vit), attention_modules(vit))):
-        if not is_linear(attn):
+        if (i not in blocks) if blocks is not None else not is_linear(attn):
             continue
         for name, p in attn.named_parameters():
             if trainable == "attention" and (name.startswith("proj.") or name.startswith("proj_drop.")):
