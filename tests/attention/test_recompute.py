@@ -55,6 +55,24 @@ def test_gradcheck_float64_split_and_packed(name, n):
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("n", [6, 520])
+@pytest.mark.parametrize("trained", ["qkv", "weight", "qkv+weight"])
+def test_partial_gradients_match_reference(trained, n):
+    """Stage 1 freezes ``proj`` (no recomputed output then), a frozen-attention fine-tune needs only the weight's
+    gradient (the output without the backward): each combination against the reference."""
+    g = torch.Generator().manual_seed(3)
+    b, h, d = 2, 2, 4
+    qkv = torch.randn(b, n, 3 * h * d, dtype=torch.float64, generator=g, requires_grad="qkv" in trained)
+    w = torch.randn(5, h * d, dtype=torch.float64, generator=g, requires_grad="weight" in trained)
+    bias = torch.randn(5, dtype=torch.float64, generator=g, requires_grad="weight" in trained)
+    grad_out = torch.randn(b, n, 5, dtype=torch.float64, generator=g)
+    leaves = [t for t in (qkv, w, bias) if t.requires_grad]
+    got = torch.autograd.grad(packed_linear_attention_recompute(qkv, h, d, "elu", 1e-3, w, bias), leaves, grad_out)
+    want = torch.autograd.grad(_reference(qkv, h, d, "elu", 1e-3, w, bias), leaves, grad_out)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r)
+
+
 @pytest.mark.parametrize("n", [20, 520])  # whole-batch products below 512 tokens, per image above
 def test_matches_reference_both_paths(n):
     g = torch.Generator().manual_seed(0)

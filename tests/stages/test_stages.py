@@ -67,6 +67,28 @@ def test_stage1_wider_training(tmp_path, train, extra):
     assert not any("mlp" in k or "norm2" in k or "patch_embed" in k for k in changed)
 
 
+def test_stage1_metrics_are_the_per_block_errors():
+    """The relative error comes from the loss (no second difference tensor): it must equal ‖out − t‖ / ‖t‖."""
+    from adala.stages.align_attention import AttentionAlignment
+
+    teacher = _tiny()
+    student = adala.linearize(teacher)
+    obj = AttentionAlignment(teacher, student)
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    loss, metrics = obj(x)
+    teacher(x)  # the recorder keeps the last teacher pass: recompute each block's error by hand
+    rec = obj.recorder
+    errs = []
+    for i, block in enumerate(student.blocks):
+        out = block.attn(rec.attn_in[i]).detach()
+        target = rec.attn_out[i]
+        errs.append(((out - target) ** 2).mean())
+        torch.testing.assert_close(metrics[f"rel_err/block_{i}"], (out - target).norm() / target.norm())
+        torch.testing.assert_close(metrics[f"loss/block_{i}"], errs[-1])
+    torch.testing.assert_close(loss.detach(), torch.stack(errs).mean())
+    obj.recorder.remove()
+
+
 def test_bad_inputs_fail_before_writing(tmp_path):
     teacher = _tiny()
     out = tmp_path / "o"

@@ -100,8 +100,9 @@ class AttentionAlignment(nn.Module):
             loss_i = F.mse_loss(out, target)
             losses.append(loss_i)
             metrics[f"loss/block_{i}"] = loss_i.detach()
-            with torch.no_grad():
-                metrics[f"rel_err/block_{i}"] = (out - target).norm() / target.norm().clamp_min(1e-12)
+            with torch.no_grad():  # ‖out − target‖ from the loss itself: no second difference tensor
+                metrics[f"rel_err/block_{i}"] = ((loss_i.detach() * target.numel()).sqrt()
+                                                 / target.norm().clamp_min(1e-12))
         self.recorder.clear()
         return torch.stack(losses).mean(), metrics
 
