@@ -208,7 +208,6 @@ def _attend(qkv: torch.Tensor, num_heads: int, head_dim: int, name: str, eps: fl
 
 def _qk(qkv: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     """The (B, N, 2, H, D) q|k part of a packed (B, N, 3·H·D) projection, a view."""
-    b, n, _ = qkv.shape
     return qkv[..., : 2 * num_heads * head_dim].unflatten(-1, (2, num_heads, head_dim))
 
 
