@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 
 import adala
 from adala.attention import ops
-from adala.errors import ConfigError
+from adala.errors import ConfigError, UnsupportedModelError
 from adala.models import linear_block as lb
 from adala.models.surgery import linearize_blocks
 
@@ -214,10 +214,54 @@ def test_chunk_size_is_checked():
             lb.set_chunk_tokens(bad)
 
 
-def test_options_outside_the_stream_are_not_streamed():
-    """dwc needs the whole patch grid and out_gate the block input: both take timm's path, and agree with it."""
-    teacher = tiny_teacher("vit_small_patch14_dinov2", init_values=0.1)
-    x = torch.randn(1, 20, 64)
-    for options in ({"dwc": 3}, {"out_gate": 4}):
-        block = adala.linearize(teacher, **options).eval().blocks[0]
-        assert not _eligible(block, x), options
+OPTION_CASES = [{"dwc": 3}, {"dwc": 5}, {"out_gate": 4}, {"temperature": True, "dwc": 3, "out_gate": 4}]
+
+
+def _with_trained_options(block: torch.nn.Module) -> torch.nn.Module:
+    """Random values where the options start as exact identities (zero conv, gate of 1, unit temperature)."""
+    attn = block.attn
+    with torch.no_grad():
+        if attn.dwc is not None:
+            attn.dwc.weight.normal_(0, 0.3)
+            attn.dwc.bias.normal_(0, 0.3)
+        if attn.out_gate is not None:
+            attn.out_gate.up.weight.normal_(0, 0.3)
+            attn.out_gate.up.bias.normal_(0, 0.3)
+        if attn.log_tau is not None:
+            attn.log_tau.normal_(0, 0.5)
+    return block
+
+
+@pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("chunk_rows", [5, 16, 200])  # chunks shorter than a grid row, a few rows, whole images
+@pytest.mark.parametrize("grid", [(6, 6), (4, 7)])  # square, and non-square from the patch-grid tracker
+def test_streamed_options_match_reference(options, chunk_rows, grid):
+    """dwc (the conv per chunk over its grid rows and halo), out_gate (per chunk from norm1) and temperature stream,
+    on every split of the grid into chunks, and agree with timm's path over the generic mix."""
+    old = lb.set_chunk_tokens(chunk_rows)
+    try:
+        block = _with_trained_options(_student(**options).blocks[1])
+        if grid != (6, 6):
+            block.attn.grid = grid
+        x = torch.randn(2, 5 + grid[0] * grid[1], 64, dtype=torch.float64)  # cls + 4 registers + patches
+        with torch.no_grad():
+            assert lb.can_stream(block, x)
+            got = lb.streamed_forward(block, x)
+            want = _reference(block)(x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        plain = copy.deepcopy(block)
+        plain.attn.dwc = plain.attn.out_gate = plain.attn.log_tau = None
+        with torch.no_grad():
+            assert not torch.allclose(got, lb.streamed_forward(plain, x), atol=1e-3)  # the options did something
+    finally:
+        lb.set_chunk_tokens(old)
+
+
+def test_dwc_without_a_patch_grid_is_not_streamed():
+    """33 patch tokens, no tracked grid: timm's path gives the one-line error rather than a guessed grid."""
+    block = _student(dwc=3).blocks[0]
+    x = torch.randn(1, 5 + 33, 64, dtype=torch.float64)
+    assert not _eligible(block, x)
+    with torch.no_grad(), pytest.raises(UnsupportedModelError, match="patch grid"):
+        block(x)
+

@@ -13,11 +13,15 @@ over chunks of tokens instead, and no temporary is ever larger than one chunk:
 2. per chunk: φq·state / normaliser -> proj -> residual (layer scale) -> norm2 -> MLP -> residual,
    written straight into the block's output.
 
-Temporaries of a few MB are reused by the heap on every call without any allocator setting. Only the
-plain inference case streams: CPU, fp32/fp64, no autocast, no autograd, no tracer, no hooks on any
-module inside the block, no stochastic layers active, and an attention whose own fused path would run
-(``LinearAttention.can_fuse``; no dwc/norm/gate). Everything else runs timm's own ``Block.forward``.
-The input is never modified in place (``get_intermediate_layers`` keeps every block's output).
+Temporaries of a few MB are reused by the heap on every call without any allocator setting. The linear
+kinds' options stream too, so choosing one costs no more than its own FLOPs: ``temperature`` scales q|k in
+pass 1, ``dwc`` keeps V beside φ(q) and convolves, per chunk, only the patch-grid rows the chunk touches plus
+the kernel's halo, and ``out_gate`` is computed per chunk from norm1 of the chunk's rows (the output projection
+then stays unfolded, as in ``LinearAttention.forward``). Only the plain inference case streams: CPU, fp32/fp64,
+no autocast, no autograd, no tracer, no hooks on any module inside the block, no stochastic layers active, and
+an attention whose own fused path would run (``LinearAttention.can_fuse``; no q/k norm, no norm before
+``proj``, no teacher gate). Everything else runs timm's own ``Block.forward``. The input is never modified in
+place (``get_intermediate_layers`` keeps every block's output).
 """
 
 from __future__ import annotations
@@ -26,14 +30,17 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, GluMlp, LayerScale, Mlp, SwiGLU
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn.modules import module as _module
 
+from ..attention.gate import OutputGate
+from ..attention.grid import patch_grid
 from ..attention.linear import LinearAttention
 from ..attention.ops import apply_feature_map_, workspace
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..runtime import freed_memory_kept
 
 # Rows (tokens, summed over the images of a group) per chunk. Measured on ViT-S/14, fp32, 2 threads, in
@@ -84,8 +91,8 @@ def can_stream(block: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not (attn.can_fuse(x) and not attn._takes_triton(x)):
         return False
-    if not (isinstance(attn.norm, nn.Identity) and attn.gate is None and attn.out_gate is None and attn.dwc is None
-            and isinstance(attn.proj, nn.Linear) and _inactive(attn.proj_drop)):
+    if not (isinstance(attn.norm, nn.Identity) and attn.gate is None and isinstance(attn.proj, nn.Linear)
+            and _inactive(attn.proj_drop) and _streamable_options(attn, x.shape[1])):
         return False
     for name in ("norm1", "norm2"):
         if not isinstance(getattr(block, name), (nn.LayerNorm, nn.Identity)):
@@ -101,6 +108,25 @@ def can_stream(block: nn.Module, x: torch.Tensor) -> bool:
     ):
         return False
     return _no_hooks(block)
+
+
+def _streamable_options(attn: LinearAttention, n: int) -> bool:
+    """``out_gate`` is adala's own gate; ``dwc`` is adala's zero-padded depthwise conv and needs a patch grid for
+    ``n`` tokens (without one timm's path raises the one-line error)."""
+    if attn.out_gate is not None and type(attn.out_gate) is not OutputGate:
+        return False
+    if attn.dwc is None:
+        return True
+    conv = attn.dwc
+    if not (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and conv.groups == attn.attn_dim
+            and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.padding == (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)):
+        return False
+    try:
+        patch_grid(attn, n)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def _spans(n: int, parts: int) -> list[tuple[int, int]]:
@@ -130,8 +156,10 @@ class _Attention:
         self.wt, self.bias = w.t(), attn.qkv.bias  # (C, 3A) view
         tau = None if attn.log_tau is None else attn.log_tau.detach().exp()  # (2, H, 1)
         self.tau = None if tau is None else tau.to(w.dtype)
-        # fold proj into the state from N >= C on, as LinearAttention.forward does
-        self.fold = n >= attn.proj.out_features
+        self.dwc, self.out_gate = attn.dwc, attn.out_gate
+        self.grid = None if attn.dwc is None else patch_grid(attn, n)  # (prefix, h, w)
+        # fold proj into the state from N >= C on, as LinearAttention.forward does (not past a conv or gate)
+        self.fold = n >= attn.proj.out_features and attn.dwc is None and attn.out_gate is None
         self.wpt = attn.proj.weight.t().reshape(self.h, self.d, -1)  # (H, D, C) rows of Wpᵀ per head
         self.eps = torch.full((self.h,), attn.eps, dtype=w.dtype, device=w.device)
 
@@ -172,8 +200,30 @@ class _Attention:
         torch.diagonal(diag, dim1=0, dim2=2).copy_(ksum.view(self.h, self.d).t())
         return mat, diag.view(self.a, self.h)
 
-    def attend(self, q_rows: torch.Tensor, mat: torch.Tensor, ksum_diag: torch.Tensor, out: torch.Tensor) -> None:
-        """One image's chunk: φq rows (n, A) (overwritten when folding) -> proj(attention) into ``out`` (n, C)."""
+    def local_conv(self, v_rows: torch.Tensor, s: int, e: int) -> tuple[int, torch.Tensor] | None:
+        """``dwc``'s addition to tokens [s, e) of one image, from the V rows (N, A) of all its tokens: the chunk
+        row where its patch tokens start and their (rows, A) conv output; None for a chunk of prefix tokens.
+
+        Only the grid rows the chunk touches, plus the kernel's halo, are convolved: zero rows stand in for the
+        halo beyond the image edge, so every output equals the whole-grid conv with its zero padding."""
+        prefix, gh, gw = self.grid
+        p0, p1 = max(s - prefix, 0), e - prefix
+        if p1 <= 0:
+            return None
+        r0, r1 = p0 // gw, (p1 - 1) // gw + 1  # grid rows holding patches p0..p1-1
+        ph, pw = self.dwc.padding
+        a0, a1 = max(r0 - ph, 0), min(r1 + ph, gh)
+        grid = v_rows[prefix + a0 * gw: prefix + a1 * gw].view(a1 - a0, gw, self.a).permute(2, 0, 1)
+        grid = F.pad(grid.unsqueeze(0), (pw, pw, ph - (r0 - a0), ph - (a1 - r1)))
+        y = F.conv2d(grid, self.dwc.weight, self.dwc.bias, groups=self.a)[0]  # (A, r1 - r0, gw)
+        first = p0 - r0 * gw
+        return max(prefix - s, 0), y.flatten(1).t()[first: first + p1 - p0]
+
+    def attend(self, q_rows: torch.Tensor, mat: torch.Tensor, ksum_diag: torch.Tensor, out: torch.Tensor,
+               conv: tuple[int, torch.Tensor] | None = None, gate_in: torch.Tensor | None = None) -> None:
+        """One image's chunk: φq rows (n, A) (overwritten when folding) -> proj(attention) into ``out`` (n, C);
+        ``conv`` (from :meth:`local_conv`) is added and ``out_gate(gate_in)`` (normed block-input rows) applied
+        before the projection."""
         n = q_rows.shape[0]
         den = torch.addmm(self.eps, q_rows, ksum_diag).unsqueeze(-1)  # (n, H, 1): φq·Σφk + eps
         q = q_rows.view(n, self.h, self.d)
@@ -185,7 +235,12 @@ class _Attention:
         num = torch.bmm(q.transpose(0, 1), mat)  # (H, n, D)
         mixed = q_rows.new_empty(n, self.h, self.d)
         torch.div(num.transpose(0, 1), den, out=mixed)
-        _addmm(proj.bias, mixed.view(n, self.a), proj.weight.t(), out)
+        mixed = mixed.view(n, self.a)
+        if conv is not None:
+            mixed[conv[0]:].add_(conv[1])
+        if gate_in is not None:
+            mixed.mul_(self.out_gate(gate_in))
+        _addmm(proj.bias, mixed, proj.weight.t(), out)
 
 
 def _addmm(bias: torch.Tensor | None, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor | None = None
@@ -243,22 +298,29 @@ def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # At least two chunks: one chunk of 1025 rows (448²) made glibc trim and re-fault its heap top on every
     # block (45k faults per forward, against 2k with two chunks of 513 rows; measured in a plain process).
     spans = _spans(n, max(2, math.ceil(n / chunk)))
+    stored = 2 if att.dwc is not None else 1  # φq, and V for the conv
     if freed_memory_kept():  # the heap reuses a fresh buffer already, and it is gone after the block
-        q_store = x.new_empty(n, att.a)
+        store = x.new_empty(n, stored * att.a)
     else:
-        q_store = workspace(n * att.a, x.dtype, x.device).view(n, att.a)
+        store = workspace(n * stored * att.a, x.dtype, x.device).view(n, stored * att.a)
+    q_store, v_store = store[:, : att.a], store[:, att.a:]
     for i in range(b):
         state, ksum = att.start_state()
-        for s, e in spans:  # pass 1: the state over all tokens; φq kept
+        for s, e in spans:  # pass 1: the state over all tokens; φq (and V) kept
             qkv = att.project(block.norm1(x[i, s:e]))
             att.add_to_state(qkv, state, ksum)
             q_store[s:e].copy_(qkv[:, : att.a])
+            if att.dwc is not None:
+                v_store[s:e].copy_(qkv[:, 2 * att.a:])
             del qkv
         mat, ksum_diag = att.finish_state(state, ksum)
         for s, e in spans:  # pass 2: attention output, residuals and MLP, written into out
             rows = out[i, s:e]
             mixed = x.new_empty(e - s, c)
-            att.attend(q_store[s:e], mat, ksum_diag, mixed)
+            conv = None if att.dwc is None else att.local_conv(v_store, s, e)
+            gate_in = None if att.out_gate is None else block.norm1(x[i, s:e])
+            att.attend(q_store[s:e], mat, ksum_diag, mixed, conv, gate_in)
+            del conv, gate_in
             _residual(x[i, s:e], mixed, block.ls1, rows)
             del mixed
             _mlp_residual(block, rows)
@@ -268,12 +330,17 @@ def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _whole_images(block: nn.Module, att: _Attention, x_rows: torch.Tensor, out_rows: torch.Tensor, n: int) -> None:
     """A group of whole images as (G·N, C) rows: one GEMM per projection over the group, the attention
     state per image from strided views of the packed projections (no copies)."""
-    qkv = att.project(block.norm1(x_rows))
+    h = block.norm1(x_rows)
+    qkv = att.project(h)
+    if att.out_gate is None:
+        del h
     mixed = x_rows.new_empty(x_rows.shape)
     for s in range(0, x_rows.shape[0], n):
         image = qkv[s: s + n]
         mat, ksum_diag = att.finish_state(*att.image_state(image))
-        att.attend(image[:, : att.a], mat, ksum_diag, mixed[s: s + n])
+        conv = None if att.dwc is None else att.local_conv(image[:, 2 * att.a:], 0, n)
+        att.attend(image[:, : att.a], mat, ksum_diag, mixed[s: s + n], conv,
+                   None if att.out_gate is None else h[s: s + n])
     del qkv
     _residual(x_rows, mixed, block.ls1, out_rows)
     del mixed
