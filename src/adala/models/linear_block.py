@@ -162,6 +162,8 @@ class _Attention:
         self.fold = n >= attn.proj.out_features and attn.dwc is None and attn.out_gate is None
         self.wpt = attn.proj.weight.t().reshape(self.h, self.d, -1)  # (H, D, C) rows of Wpᵀ per head
         self.eps = torch.full((self.h,), attn.eps, dtype=w.dtype, device=w.device)
+        # (2·Wp)ᵀ for the gate: scaling by 2 is exact, so (m·σ)·(2·Wp)ᵀ is bit for bit (m·2σ)·Wpᵀ
+        self.wpt2 = None if attn.out_gate is None else attn.proj.weight.t().mul(2.0)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """[φ(q) | φ(k) | v] of normed tokens h (rows, C) -> (rows, 3A)."""
@@ -205,17 +207,22 @@ class _Attention:
         row where its patch tokens start and their (rows, A) conv output; None for a chunk of prefix tokens.
 
         Only the grid rows the chunk touches, plus the kernel's halo, are convolved: zero rows stand in for the
-        halo beyond the image edge, so every output equals the whole-grid conv with its zero padding."""
+        halo beyond the image edge, so every output equals the whole-grid conv with its zero padding. The padded
+        grid is built channels-last, the layout V rows already have: one strided copy in, and oneDNN's depthwise
+        conv writes (rows, A) token rows straight out (an NCHW pad and conv took 14× longer at 1344²)."""
         prefix, gh, gw = self.grid
         p0, p1 = max(s - prefix, 0), e - prefix
         if p1 <= 0:
             return None
         r0, r1 = p0 // gw, (p1 - 1) // gw + 1  # grid rows holding patches p0..p1-1
         ph, pw = self.dwc.padding
-        a0, a1 = max(r0 - ph, 0), min(r1 + ph, gh)
-        grid = v_rows[prefix + a0 * gw: prefix + a1 * gw].view(a1 - a0, gw, self.a).permute(2, 0, 1)
-        grid = F.pad(grid.unsqueeze(0), (pw, pw, ph - (r0 - a0), ph - (a1 - r1)))
-        y = F.conv2d(grid, self.dwc.weight, self.dwc.bias, groups=self.a)[0]  # (A, r1 - r0, gw)
+        a0, a1 = max(r0 - ph, 0), min(r1 + ph, gh)  # rows of V the conv reads
+        grid = torch.empty((1, self.a, r1 - r0 + 2 * ph, gw + 2 * pw), dtype=v_rows.dtype, device=v_rows.device,
+                           memory_format=torch.channels_last).zero_()
+        top = ph - (r0 - a0)
+        grid[0, :, top: top + a1 - a0, pw: pw + gw].copy_(
+            v_rows[prefix + a0 * gw: prefix + a1 * gw].view(a1 - a0, gw, self.a).permute(2, 0, 1))
+        y = F.conv2d(grid, self.dwc.weight, self.dwc.bias, groups=self.a)[0]  # (A, r1 - r0, gw), channels-last
         first = p0 - r0 * gw
         return max(prefix - s, 0), y.flatten(1).t()[first: first + p1 - p0]
 
@@ -238,9 +245,13 @@ class _Attention:
         mixed = mixed.view(n, self.a)
         if conv is not None:
             mixed[conv[0]:].add_(conv[1])
-        if gate_in is not None:
-            mixed.mul_(self.out_gate(gate_in))
-        _addmm(proj.bias, mixed, proj.weight.t(), out)
+        if gate_in is None:
+            _addmm(proj.bias, mixed, proj.weight.t(), out)
+            return
+        # out_gate: 2·σ(up(down(x))) with σ in place and the exact factor 2 moved onto Wpᵀ (see __init__)
+        gate = self.out_gate
+        g = _addmm(gate.up.bias, torch.mm(gate_in, gate.down.weight.t()), gate.up.weight.t()).sigmoid_()
+        _addmm(proj.bias, mixed.mul_(g), self.wpt2, out)
 
 
 def _addmm(bias: torch.Tensor | None, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor | None = None
