@@ -167,15 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         result["agreement"] = agreement(students, 5330)
         print("agreement:", result["agreement"], flush=True)
     if "train" not in skip:
-        from adala.benchmark.train import train_throughput
+        from adala.benchmark.train_steps import train_steps
 
-        try:
-            result["train_steps"] = train_throughput(teacher, {"linear-elu": students["linear-elu"]}, 252,
-                                                     args.train_batch, torch.device("cuda"), args.dtype, 5, 2)
-            for stage in ("stage1", "stage2"):
-                for row in result["train_steps"][stage]:
-                    print(f"train {stage}: {row['steps_per_s']:.2f} steps/s ({row['images_per_s']:.1f} img/s) "
-                          f"at 252px, batch {args.train_batch}", flush=True)
+        try:  # the training target: stage 2 at 518², batch 8, against the training FLOP bound
+            result["train_steps"] = train_steps(teacher, {"linear-elu": students["linear-elu"]}, [518],
+                                                args.train_batch, torch.device("cuda"), args.dtype, repeats=5,
+                                                warmup=2, stages=("stage1", "stage2"), memory_stages=("stage2",))
+            for c in result["train_steps"]["comparisons"]:
+                frac = c["fraction_of_bound"]
+                print(f"train {c['stage']} at 518px, batch {args.train_batch}: {c['speedup']:.2f}x over the teacher"
+                      f" architecture, {'?' if frac is None else f'{100 * frac:.0f}%'} of the FLOP bound, memory "
+                      f"student/teacher {c['memory_student_over_teacher']}", flush=True)
         except Exception as e:  # noqa: BLE001 - the forward tables are the point; report and go on
             result["train_steps"] = {"error": repr(e)}
             print("train steps failed:", repr(e), flush=True)

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adala.benchmark.measure import busy_jiffies, process_jiffies
+
 FORMAT = "adala-plain-process/1"
 DEFAULT_KEPT = "1:224,448,896;8:448"
 
@@ -109,24 +111,6 @@ def worker(spec: dict[str, Any]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parent
-def _jiffies(pid: int | str = "self") -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _busy_jiffies() -> int | None:
-    try:
-        with open("/proc/stat") as f:
-            v = [int(t) for t in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(v[:8]) - v[3] - (v[4] if len(v) > 4 else 0)
-
-
 class Zygote:
     """A process that has only imported torch, timm and adala, forking one worker per model and case.
 
@@ -221,7 +205,7 @@ class Worker:
         return self._read()
 
     def close(self) -> None:
-        self.jiffies = _jiffies(self.pid)
+        self.jiffies = process_jiffies(self.pid) or 0
         try:
             self.inp.write("quit\n")
             self.inp.close()
@@ -291,7 +275,7 @@ def run_case(args: argparse.Namespace, batch: int, res: int, arms: list[tuple[st
             live.append((name, spec))
     if not live:
         return case
-    load0, busy0, self0 = os.getloadavg(), _busy_jiffies(), _jiffies()
+    load0, busy0, self0 = os.getloadavg(), busy_jiffies(), process_jiffies() or 0
     t0 = time.monotonic()
     workers: list[Worker] = []
     try:
@@ -312,10 +296,10 @@ def run_case(args: argparse.Namespace, batch: int, res: int, arms: list[tuple[st
         for w in workers:
             w.close()
     dt = time.monotonic() - t0
-    busy1 = _busy_jiffies()
+    busy1 = busy_jiffies()
     hz = os.sysconf("SC_CLK_TCK")
     if busy0 is not None and busy1 is not None:
-        ours = (_jiffies() - self0) + sum(w.jiffies for w in workers)
+        ours = ((process_jiffies() or 0) - self0) + sum(w.jiffies for w in workers)
         case["external_cores"] = max(0.0, (busy1 - busy0 - ours) / hz / dt)
     case["load_average"] = {"start": list(load0), "end": list(os.getloadavg())}
     for w, rs in zip(workers, runs):

@@ -161,7 +161,7 @@ KIND_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
                         **TRAIN_KEYS},
     "align-features": {"data": _data, "steps": _int(1), "batch_size": _int(1), "lr": _num(),
                        "loss": _choice(*LOSSES), "trainable": _choice(*TRAINABLE), "train": _choice(*TRAINABLE),
-                       "length": _int(1), **TRAIN_KEYS},
+                       "length": _int(1), "mosaic": _num(0.0, strict=False, maximum=1.0), **TRAIN_KEYS},
     "finetune": {"task": _choice(*FINETUNE_TASKS), "data": _str,
                  "epochs": _num(), "steps": _int(1), "batch_size": _int(1), "lr": _num(), "head": _str,
                  "freeze_backbone": _bool, "length": _int(1), "eval_data": _str, "eval_length": _int(1),

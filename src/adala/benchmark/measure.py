@@ -174,17 +174,31 @@ def subprocess_peak_rss(recipe: dict[str, Any], timeout: float | None = None) ->
     return json.loads(lines[-1])
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(all CPUs' busy jiffies, this process's jiffies incl. children) from /proc; None elsewhere."""
+def busy_jiffies() -> int | None:
+    """Busy jiffies of all CPUs since boot (everything but idle and iowait) from /proc/stat; None elsewhere."""
     try:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            mine = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+
+
+def process_jiffies(pid: int | str = "self", children: bool = False) -> int | None:
+    """CPU jiffies (user + system) of process ``pid``, with its waited-for children's when ``children``;
+    None when /proc has no such process (gone, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11: 15 if children else 13])
     except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields[:8]) - idle, sum(int(v) for v in mine[11:15])
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(all CPUs' busy jiffies, this process's jiffies incl. children); None off Linux."""
+    busy, mine = busy_jiffies(), process_jiffies(children=True)
+    return None if busy is None or mine is None else (busy, mine)
 
 
 class ExternalLoad:

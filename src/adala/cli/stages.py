@@ -105,8 +105,8 @@ def _align_features(args: argparse.Namespace) -> int:
 
     _check_out(args.out, args.resume)
     r = align_features(args.teacher, args.student, data=_data(args.data), img_size=args.img_size, steps=args.steps,
-                       batch_size=args.batch_size, lr=args.lr, loss=args.loss, trainable=args.trainable, out=args.out,
-                       force=args.force, **_train_kwargs(args))
+                       batch_size=args.batch_size, lr=args.lr, loss=args.loss, trainable=args.trainable,
+                       mosaic=args.mosaic, out=args.out, force=args.force, **_train_kwargs(args))
     _print_metrics(r, ("loss", "mse", "cosine"))
     return 0
 
@@ -224,6 +224,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="feature loss on the final tokens")
     p.add_argument("--trainable", "--train", dest="trainable", choices=TRAINABLE, default="all",
                    help="what stage 2 trains")
+    p.add_argument("--mosaic", type=float, default=0.0,
+                   help="fraction of images replaced by 2x2 mosaics of four batch images (default: 0, none)")
     p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
     p.set_defaults(func=_align_features)

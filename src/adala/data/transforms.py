@@ -181,18 +181,51 @@ class MultiSizeCollate:
     Every image of a batch shares one size (a batch is one tensor); the size is drawn from the batch's
     smallest index, so the sequence of sizes is fixed by the seed and data order alone. Crops are made at the
     largest size and downsampled (antialiased), which is what a random resized crop at the smaller size does.
+
+    ``mosaic`` > 0: each image is, with that probability, replaced by a 2×2 mosaic of itself and three other
+    images of the batch at half size (YOLO's mosaic). Alignment needs no labels, so every mosaic is a new
+    scene the teacher labels for free: new layouts and cross-image attention from the same few sources, the
+    data-bound gap of a student aligned on a few dozen photos. Drawn per item from (seed, index), like crops.
     """
 
     sizes: tuple[int, ...]
     seed: int = 0
+    mosaic: float = 0.0
 
     def size_for(self, indices: Sequence[int]) -> int:
         return self.sizes[item_seed(self.seed, min(indices), SALT_AUG) % len(self.sizes)]
 
     def __call__(self, items: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
         x = torch.stack([im for im, _ in items])
-        size = self.size_for([i for _, i in items])
+        indices = [i for _, i in items]
+        if self.mosaic > 0:
+            x = mosaic_batch(x, indices, self.mosaic, self.seed)
+        size = self.size_for(indices)
         if size != x.shape[-1]:
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                                 align_corners=False)
         return x
+
+
+def mosaic_batch(x: torch.Tensor, indices: Sequence[int], p: float, seed: int = 0) -> torch.Tensor:
+    """(B, C, S, S) -> the same batch with each image, with probability ``p`` (drawn from (seed, its index)),
+    replaced by a 2×2 mosaic of four batch images at S/2: itself and three others in a drawn order
+    (with fewer than four images some repeat). Images not drawn, and ``x`` itself, are left unchanged."""
+    b, _, h, w = x.shape
+    out = None
+    for j, idx in enumerate(indices):
+        g = item_generator(seed, idx, SALT_CONTENT)
+        if float(torch.rand((), generator=g)) >= p:
+            continue
+        others = [k for k in torch.randperm(b, generator=g).tolist() if k != j]
+        tiles = [j, *(others * 3)[:3]] if others else [j] * 4
+        order = torch.randperm(4, generator=g).tolist()
+        half = torch.nn.functional.interpolate(x[[tiles[k] for k in order]], size=(h // 2, w // 2),
+                                               mode="bilinear", antialias=True, align_corners=False)
+        if out is None:
+            out = x.clone()
+        out[j] = 0
+        for q in range(4):
+            r, c = divmod(q, 2)
+            out[j, :, r * (h // 2):(r + 1) * (h // 2), c * (w // 2):(c + 1) * (w // 2)] = half[q]
+    return x if out is None else out

@@ -91,6 +91,7 @@ def align_features(
     lr: float = 1e-4,
     loss: str = "mse",
     trainable: str = "all",
+    mosaic: float = 0.0,
     out: str | os.PathLike | None = None,
     length: int | None = None,
     force: bool = False,
@@ -101,6 +102,8 @@ def align_features(
 
     ``img_size`` as a list trains at several resolutions: each batch is drawn at one of them (fixed by the
     seed and data order), so the student learns to stay faithful across token counts, not at one size.
+    ``mosaic`` (0–1) replaces that fraction of images by 2×2 mosaics of four batch images
+    (``adala.data.transforms.mosaic_batch``): new scenes from the same sources, for small datasets.
     ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
     ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
@@ -110,6 +113,8 @@ def align_features(
                       inputs=(("student", student), ("teacher", teacher))):
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if isinstance(mosaic, bool) or not isinstance(mosaic, (int, float)) or not 0 <= mosaic <= 1:
+            raise ConfigError(f"mosaic must be a fraction from 0 to 1, got {mosaic!r}")
         teacher = as_teacher(teacher)
         student = trainable_copy(student, "student")
         check_pair(teacher, student)
@@ -124,13 +129,14 @@ def align_features(
         ds = dataset(teacher, data, task="unlabeled", img_size=max(sizes), train=True, seed=cfg.seed,
                      length=length)
         collate = None
-        if len(sizes) > 1:
+        if len(sizes) > 1 or mosaic:
             if isinstance(ds, torch.utils.data.IterableDataset):
-                raise ConfigError("several img_size values need map-style data (not wds:)")
-            ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed)
+                raise ConfigError("several img_size values or mosaic need map-style data (not wds:)")
+            ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed, float(mosaic))
         objective = FeatureAlignment(teacher, student, loss)
+        extra = {"mosaic": float(mosaic)} if mosaic else {}
         objective.run_config = stage_options(teacher, img_size=img_size, loss=loss, train=trainable, data=data,
-                                             length=length)
+                                             length=length, **extra)
         result = run_training(objective, ds, cfg, out, stage="align-features", collate_fn=collate,
                               finished=is_finished(out))
         if result.already_finished:
