@@ -31,3 +31,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def perturb_options(attn: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    """Random values where a linear kind's options start as exact identities (zero dwc, gate of 1, unit
+    temperature), so a test of an option sees it do something."""
+    with torch.no_grad():
+        if attn.log_tau is not None:
+            attn.log_tau.normal_(0, 0.5)
+        if attn.dwc is not None:
+            attn.dwc.weight.normal_(0, scale)
+            attn.dwc.bias.normal_(0, scale)
+        if attn.out_gate is not None:
+            attn.out_gate.up.weight.normal_(0, scale)
+            attn.out_gate.up.bias.normal_(0, scale)
+    return attn

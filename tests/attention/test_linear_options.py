@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import perturb_options, tiny_teacher
 
 import adala
 from adala.attention import build
@@ -17,16 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _attn(**options):
     t = tiny_teacher()
     a = build("linear-elu", t.blocks[0].attn, **options)
-    with torch.no_grad():
-        if a.log_tau is not None:
-            a.log_tau.normal_(0, 0.5)
-        if a.dwc is not None:
-            a.dwc.weight.normal_(0, 0.2)
-            a.dwc.bias.normal_(0, 0.2)
-        if a.out_gate is not None:
-            a.out_gate.up.weight.normal_(0, 0.5)
-            a.out_gate.up.bias.normal_(0, 0.5)
-    return a
+    return perturb_options(a, 0.3)
 
 
 def _gate_reference(a, x):

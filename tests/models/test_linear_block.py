@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import perturb_options, tiny_teacher
 from timm.layers import GluMlp, SwiGLUPacked
 from timm.models.vision_transformer import Block
 
@@ -217,21 +217,6 @@ def test_chunk_size_is_checked():
 OPTION_CASES = [{"dwc": 3}, {"dwc": 5}, {"out_gate": 4}, {"temperature": True, "dwc": 3, "out_gate": 4}]
 
 
-def _with_trained_options(block: torch.nn.Module) -> torch.nn.Module:
-    """Random values where the options start as exact identities (zero conv, gate of 1, unit temperature)."""
-    attn = block.attn
-    with torch.no_grad():
-        if attn.dwc is not None:
-            attn.dwc.weight.normal_(0, 0.3)
-            attn.dwc.bias.normal_(0, 0.3)
-        if attn.out_gate is not None:
-            attn.out_gate.up.weight.normal_(0, 0.3)
-            attn.out_gate.up.bias.normal_(0, 0.3)
-        if attn.log_tau is not None:
-            attn.log_tau.normal_(0, 0.5)
-    return block
-
-
 @pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: "+".join(o))
 @pytest.mark.parametrize("chunk_rows", [5, 16, 200])  # chunks shorter than a grid row, a few rows, whole images
 @pytest.mark.parametrize("grid", [(6, 6), (4, 7)])  # square, and non-square from the patch-grid tracker
@@ -240,7 +225,8 @@ def test_streamed_options_match_reference(options, chunk_rows, grid):
     on every split of the grid into chunks, and agree with timm's path over the generic mix."""
     old = lb.set_chunk_tokens(chunk_rows)
     try:
-        block = _with_trained_options(_student(**options).blocks[1])
+        block = _student(**options).blocks[1]
+        perturb_options(block.attn)
         if grid != (6, 6):
             block.attn.grid = grid
         x = torch.randn(2, 5 + grid[0] * grid[1], 64, dtype=torch.float64)  # cls + 4 registers + patches
