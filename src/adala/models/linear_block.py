@@ -16,8 +16,8 @@ over chunks of tokens instead, and no temporary is ever larger than one chunk:
 Temporaries of a few MB are reused by the heap on every call without any allocator setting. The linear
 kinds' options stream too, so choosing one costs no more than its own FLOPs: ``temperature`` scales q|k in
 pass 1, ``dwc`` keeps V beside φ(q) and convolves, per chunk, only the patch-grid rows the chunk touches plus
-the kernel's halo, and ``out_gate`` is computed per chunk from norm1 of the chunk's rows (the output projection
-then stays unfolded, as in ``LinearAttention.forward``). Only the plain inference case streams: CPU, fp32/fp64,
+the kernel's halo, and ``out_gate``'s down projection joins the qkv GEMM of pass 1 and is kept beside φ(q), the
+rest of the gate done per chunk (the output projection then stays unfolded, as in ``LinearAttention.forward``). Only the plain inference case streams: CPU, fp32/fp64,
 no autocast, no autograd, no tracer, no hooks on any module inside the block, no stochastic layers active, and
 an attention whose own fused path would run (``LinearAttention.can_fuse``; no q/k norm, no norm before
 ``proj``, no teacher gate). Everything else runs timm's own ``Block.forward``. The input is never modified in
@@ -152,8 +152,12 @@ class _Attention:
 
     def __init__(self, attn: LinearAttention, n: int) -> None:
         self.attn, self.h, self.d, self.a = attn, attn.num_heads, attn.head_dim, attn.attn_dim
-        w = attn.qkv.weight
-        self.wt, self.bias = w.t(), attn.qkv.bias  # (C, 3A) view
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        self.rank = 0 if attn.out_gate is None else attn.out_gate.down.out_features
+        if self.rank:  # the gate's down projection rides on the qkv GEMM: rows [q | k | v | down(h)]
+            w = torch.cat([w, attn.out_gate.down.weight])
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(self.rank)])
+        self.wt, self.bias = w.t(), bias  # (C, 3A + R)
         tau = None if attn.log_tau is None else attn.log_tau.detach().exp()  # (2, H, 1)
         self.tau = None if tau is None else tau.to(w.dtype)
         self.dwc, self.out_gate = attn.dwc, attn.out_gate
@@ -166,7 +170,7 @@ class _Attention:
         self.wpt2 = None if attn.out_gate is None else attn.proj.weight.t().mul(2.0)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        """[φ(q) | φ(k) | v] of normed tokens h (rows, C) -> (rows, 3A)."""
+        """[φ(q) | φ(k) | v | gate down(h)] of normed tokens h (rows, C) -> (rows, 3A + R)."""
         qkv = _addmm(self.bias, h, self.wt)
         qk = qkv[:, : 2 * self.a]
         if self.tau is not None:
@@ -227,9 +231,9 @@ class _Attention:
         return max(prefix - s, 0), y.flatten(1).t()[first: first + p1 - p0]
 
     def attend(self, q_rows: torch.Tensor, mat: torch.Tensor, ksum_diag: torch.Tensor, out: torch.Tensor,
-               conv: tuple[int, torch.Tensor] | None = None, gate_in: torch.Tensor | None = None) -> None:
+               conv: tuple[int, torch.Tensor] | None = None, gate_down: torch.Tensor | None = None) -> None:
         """One image's chunk: φq rows (n, A) (overwritten when folding) -> proj(attention) into ``out`` (n, C);
-        ``conv`` (from :meth:`local_conv`) is added and ``out_gate(gate_in)`` (normed block-input rows) applied
+        ``conv`` (from :meth:`local_conv`) is added and the out_gate of the rows' ``gate_down`` (n, R) applied
         before the projection."""
         n = q_rows.shape[0]
         den = torch.addmm(self.eps, q_rows, ksum_diag).unsqueeze(-1)  # (n, H, 1): φq·Σφk + eps
@@ -245,12 +249,12 @@ class _Attention:
         mixed = mixed.view(n, self.a)
         if conv is not None:
             mixed[conv[0]:].add_(conv[1])
-        if gate_in is None:
+        if gate_down is None:
             _addmm(proj.bias, mixed, proj.weight.t(), out)
             return
         # out_gate: 2·σ(up(down(x))) with σ in place and the exact factor 2 moved onto Wpᵀ (see __init__)
         gate = self.out_gate
-        g = _addmm(gate.up.bias, torch.mm(gate_in, gate.down.weight.t()), gate.up.weight.t()).sigmoid_()
+        g = _addmm(gate.up.bias, gate_down, gate.up.weight.t()).sigmoid_()
         _addmm(proj.bias, mixed.mul_(g), self.wpt2, out)
 
 
@@ -309,29 +313,31 @@ def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # At least two chunks: one chunk of 1025 rows (448²) made glibc trim and re-fault its heap top on every
     # block (45k faults per forward, against 2k with two chunks of 513 rows; measured in a plain process).
     spans = _spans(n, max(2, math.ceil(n / chunk)))
-    stored = 2 if att.dwc is not None else 1  # φq, and V for the conv
+    a, dwc = att.a, att.dwc is not None
+    width = (2 if dwc else 1) * a + att.rank  # φq, V for the conv, the gate's down projection
     if freed_memory_kept():  # the heap reuses a fresh buffer already, and it is gone after the block
-        store = x.new_empty(n, stored * att.a)
+        store = x.new_empty(n, width)
     else:
-        store = workspace(n * stored * att.a, x.dtype, x.device).view(n, stored * att.a)
-    q_store, v_store = store[:, : att.a], store[:, att.a:]
+        store = workspace(n * width, x.dtype, x.device).view(n, width)
+    q_store, v_store, g_store = store[:, :a], store[:, a: 2 * a], store[:, width - att.rank:]
     for i in range(b):
         state, ksum = att.start_state()
         for s, e in spans:  # pass 1: the state over all tokens; φq (and V) kept
             qkv = att.project(block.norm1(x[i, s:e]))
             att.add_to_state(qkv, state, ksum)
-            q_store[s:e].copy_(qkv[:, : att.a])
-            if att.dwc is not None:
-                v_store[s:e].copy_(qkv[:, 2 * att.a:])
+            q_store[s:e].copy_(qkv[:, :a])
+            if dwc:
+                v_store[s:e].copy_(qkv[:, 2 * a: 3 * a])
+            if att.rank:
+                g_store[s:e].copy_(qkv[:, 3 * a:])
             del qkv
         mat, ksum_diag = att.finish_state(state, ksum)
         for s, e in spans:  # pass 2: attention output, residuals and MLP, written into out
             rows = out[i, s:e]
             mixed = x.new_empty(e - s, c)
-            conv = None if att.dwc is None else att.local_conv(v_store, s, e)
-            gate_in = None if att.out_gate is None else block.norm1(x[i, s:e])
-            att.attend(q_store[s:e], mat, ksum_diag, mixed, conv, gate_in)
-            del conv, gate_in
+            conv = att.local_conv(v_store, s, e) if dwc else None
+            att.attend(q_store[s:e], mat, ksum_diag, mixed, conv, g_store[s:e] if att.rank else None)
+            del conv
             _residual(x[i, s:e], mixed, block.ls1, rows)
             del mixed
             _mlp_residual(block, rows)
@@ -341,17 +347,14 @@ def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _whole_images(block: nn.Module, att: _Attention, x_rows: torch.Tensor, out_rows: torch.Tensor, n: int) -> None:
     """A group of whole images as (G·N, C) rows: one GEMM per projection over the group, the attention
     state per image from strided views of the packed projections (no copies)."""
-    h = block.norm1(x_rows)
-    qkv = att.project(h)
-    if att.out_gate is None:
-        del h
+    qkv = att.project(block.norm1(x_rows))
+    a = att.a
     mixed = x_rows.new_empty(x_rows.shape)
     for s in range(0, x_rows.shape[0], n):
         image = qkv[s: s + n]
         mat, ksum_diag = att.finish_state(*att.image_state(image))
-        conv = None if att.dwc is None else att.local_conv(image[:, 2 * att.a:], 0, n)
-        att.attend(image[:, : att.a], mat, ksum_diag, mixed[s: s + n], conv,
-                   None if att.out_gate is None else h[s: s + n])
+        conv = None if att.dwc is None else att.local_conv(image[:, 2 * a: 3 * a], 0, n)
+        att.attend(image[:, :a], mat, ksum_diag, mixed[s: s + n], conv, image[:, 3 * a:] if att.rank else None)
     del qkv
     _residual(x_rows, mixed, block.ls1, out_rows)
     del mixed
