@@ -13,15 +13,16 @@ over chunks of tokens instead, and no temporary is ever larger than one chunk:
 2. per chunk: φq·state / normaliser -> proj -> residual (layer scale) -> norm2 -> MLP -> residual,
    written straight into the block's output.
 
-Temporaries of a few MB are reused by the heap on every call without any allocator setting. The linear
-kinds' options stream too, so choosing one costs no more than its own FLOPs: ``temperature`` scales q|k in
-pass 1, ``dwc`` keeps V beside φ(q) and convolves, per chunk, only the patch-grid rows the chunk touches plus
-the kernel's halo, and ``out_gate``'s down projection joins the qkv GEMM of pass 1 and is kept beside φ(q), the
-rest of the gate done per chunk (the output projection then stays unfolded, as in ``LinearAttention.forward``). Only the plain inference case streams: CPU, fp32/fp64,
-no autocast, no autograd, no tracer, no hooks on any module inside the block, no stochastic layers active, and
-an attention whose own fused path would run (``LinearAttention.can_fuse``; no q/k norm, no norm before
-``proj``, no teacher gate). Everything else runs timm's own ``Block.forward``. The input is never modified in
-place (``get_intermediate_layers`` keeps every block's output).
+Temporaries of a few MB are reused by the heap on every call without any allocator setting. The linear kinds'
+options stream too, so choosing one costs no more than its own FLOPs: ``temperature`` scales q|k in pass 1,
+``dwc`` keeps V beside φ(q) and convolves, per chunk, only the patch-grid rows the chunk touches plus the
+kernel's halo, and ``out_gate``'s down projection joins the qkv GEMM of pass 1 and is kept beside φ(q), the
+rest of the gate done per chunk (the output projection then stays unfolded, as in
+``LinearAttention.forward``). Only the plain inference case streams: CPU, fp32/fp64, no autocast, no autograd,
+no tracer, no hooks on any module inside the block, no stochastic layers active, and an attention whose own
+fused path would run (``LinearAttention.can_fuse``; no q/k norm, no norm before ``proj``, no teacher gate).
+Everything else runs timm's own ``Block.forward``. The input is never modified in place
+(``get_intermediate_layers`` keeps every block's output).
 """
 
 from __future__ import annotations
