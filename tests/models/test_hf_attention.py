@@ -269,7 +269,8 @@ def test_linear_hf_model_save_pretrained_reloads_linear_and_fails_loudly_without
         tf.AutoModel.from_pretrained(tmp_path / "m")
 
 
-def test_import_adala_registers_before_transformers_is_imported(tmp_path):
+def test_import_adala_registers_before_transformers_is_imported(tmp_path, one_thread):
+    """The subprocess runs on one thread (OMP_NUM_THREADS=1), and so does the reference here: bitwise equality."""
     student = adala.linearize(_perturbed(tf.Dinov2Model(tf.Dinov2Config(**DINO))))
     student.save_pretrained(tmp_path / "m")
     x = torch.randn(1, 3, 28, 28)
