@@ -212,7 +212,7 @@ def mosaic_batch(x: torch.Tensor, indices: Sequence[int], p: float, seed: int = 
     replaced by a 2×2 mosaic of four batch images at S/2: itself and three others in a drawn order
     (with fewer than four images some repeat). Images not drawn, and ``x`` itself, are left unchanged."""
     b, _, h, w = x.shape
-    out = None
+    out = halves = None
     for j, idx in enumerate(indices):
         g = item_generator(seed, idx, SALT_CONTENT)
         if float(torch.rand((), generator=g)) >= p:
@@ -220,12 +220,12 @@ def mosaic_batch(x: torch.Tensor, indices: Sequence[int], p: float, seed: int = 
         others = [k for k in torch.randperm(b, generator=g).tolist() if k != j]
         tiles = [j, *(others * 3)[:3]] if others else [j] * 4
         order = torch.randperm(4, generator=g).tolist()
-        half = torch.nn.functional.interpolate(x[[tiles[k] for k in order]], size=(h // 2, w // 2),
-                                               mode="bilinear", antialias=True, align_corners=False)
-        if out is None:
+        if out is None:  # every image at half size once, shared by all the batch's mosaics
             out = x.clone()
+            halves = torch.nn.functional.interpolate(x, size=(h // 2, w // 2), mode="bilinear", antialias=True,
+                                                     align_corners=False)
         out[j] = 0
         for q in range(4):
             r, c = divmod(q, 2)
-            out[j, :, r * (h // 2):(r + 1) * (h // 2), c * (w // 2):(c + 1) * (w // 2)] = half[q]
+            out[j, :, r * (h // 2):(r + 1) * (h // 2), c * (w // 2):(c + 1) * (w // 2)] = halves[tiles[order[q]]]
     return x if out is None else out

@@ -320,7 +320,7 @@ def streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         store = x.new_empty(n, width)
     else:
         store = workspace(n * width, x.dtype, x.device).view(n, width)
-    q_store, v_store, g_store = store[:, :a], store[:, a: 2 * a], store[:, width - att.rank:]
+    q_store, v_store, g_store = store[:, :a], store[:, a: 2 * a] if dwc else None, store[:, width - att.rank:]
     for i in range(b):
         state, ksum = att.start_state()
         for s, e in spans:  # pass 1: the state over all tokens; φq (and V) kept
