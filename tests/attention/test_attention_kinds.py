@@ -14,13 +14,15 @@ from adala.attention.grid import attach_patch_grid
 from adala.attention.naive import softmax_attention_reference
 from adala.errors import ConfigError, UnsupportedModelError
 
-KINDS = ["hedgehog", "window-hybrid", "nystrom", "performer", "focused"]
+KINDS = ["hedgehog", "window-hybrid", "nystrom", "performer", "focused", "agent"]
 # small options so the tiny ViT (4×4 / 6×6 patch grids) exercises the approximate paths, not the fallbacks
-TINY_OPTIONS = {"window-hybrid": {"window": 3}, "nystrom": {"landmarks": 8}, "performer": {"features": 16}}
+TINY_OPTIONS = {"window-hybrid": {"window": 3}, "nystrom": {"landmarks": 8}, "performer": {"features": 16},
+                "agent": {"agents": 2}}
 EXTRA_PARAMS = {
     "hedgehog": ["feature_map_q.weight", "feature_map_k.weight"],
     "window-hybrid": ["log_gamma"],
     "focused": ["feature_scale", "dwc.weight", "dwc.bias"],
+    "agent": ["log_tau"],
 }
 
 
@@ -202,7 +204,7 @@ def test_linearized_tiny_vit_forward_save_load(tiny, kind, tmp_path):
         assert torch.equal(loaded.forward_features(x), ref)
 
 
-@pytest.mark.parametrize("kind", ["window-hybrid", "focused"])
+@pytest.mark.parametrize("kind", ["window-hybrid", "focused", "agent"])
 def test_non_square_images_need_the_grid_tracker(tiny, kind):
     student = adala.linearize(tiny, kind, **TINY_OPTIONS.get(kind, {})).eval()
     x = torch.randn(1, 3, 56, 84)  # 4×6 patches: linearize attached the grid tracker
@@ -282,6 +284,7 @@ def test_initial_fidelity_beats_linear_elu_on_real_activations(real_attention_io
     """Extra parameters start where they help: closer to the teacher than linear-elu (performer is a noisy
     estimator at DINOv2's q/k norms and is not claimed to be)."""
     elu = _swap_error(*real_attention_io, "linear-elu")
-    errs = {kind: _swap_error(*real_attention_io, kind) for kind in ["hedgehog", "window-hybrid", "focused", "nystrom"]}
+    errs = {kind: _swap_error(*real_attention_io, kind)
+            for kind in ["hedgehog", "window-hybrid", "focused", "nystrom", "agent"]}
     assert all(e < 0.97 * elu for e in errs.values()), (elu, errs)
     assert errs["window-hybrid"] < 0.6 * elu  # most of the teacher's attention mass is local

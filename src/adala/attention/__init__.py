@@ -1,7 +1,7 @@
 """Attention kinds behind one registry. Importing this package registers the built-in kinds."""
 
 # registration side effects:
-from . import focused, hedgehog, linear, nystrom, performer, softmax, window_hybrid  # noqa: F401
+from . import agent, focused, hedgehog, linear, nystrom, performer, softmax, window_hybrid  # noqa: F401
 from .base import KernelAttention
 from .registry import available, build, get, register
 

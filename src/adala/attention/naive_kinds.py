@@ -1,4 +1,4 @@
-"""Float64 references for hedgehog / window-hybrid / nystrom / performer / focused that build the N×N attention
+"""Float64 references for hedgehog / window-hybrid / nystrom / performer / focused / agent that build the N×N attention
 matrix explicitly (masks, landmarks and convolutions written out). Tests only: O(N²) memory on purpose, and
 written independently of the modules (loops and explicit masks instead of shifts, matmul tricks and convs).
 """
@@ -142,18 +142,81 @@ def linear_options_reference(q, k, v, log_tau, conv_weight, conv_bias, prefix: i
 
     out = _apply(torch.einsum("bhnd,bhmd->bhnm", phi(q), phi(k)), v, eps)
     if conv_weight is not None:
-        size = conv_weight.shape[-1]
-        r = size // 2
-        vg = v[:, :, prefix:].transpose(1, 2).reshape(b, h, w, heads * d)  # channel c = head * d + j
-        conv = torch.zeros_like(vg)
-        for y in range(h):
-            for x in range(w):
-                for dy in range(-r, r + 1):
-                    for dx in range(-r, r + 1):
-                        yy, xx = y + dy, x + dx
-                        if 0 <= yy < h and 0 <= xx < w:
-                            conv[:, y, x] += vg[:, yy, xx] * conv_weight[:, 0, dy + r, dx + r].double()
-                conv[:, y, x] += conv_bias.double()
-        conv = conv.reshape(b, h * w, heads, d).transpose(1, 2)
-        out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + conv], 2)
+        out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + _dwc_loops(v, conv_weight, conv_bias, prefix, h, w)],
+                        2)
+    return out
+
+
+def _dwc_loops(v, conv_weight, conv_bias, prefix: int, h: int, w: int) -> torch.Tensor:
+    """A zero-padded depthwise conv over the patch tokens of V (B, H, N, D) on the h×w grid, as explicit loops;
+    channel c of the conv is head c // D, dimension c % D. Returns (B, H, h·w, D)."""
+    v = v.double()
+    b, heads, _, d = v.shape
+    size = conv_weight.shape[-1]
+    r = size // 2
+    vg = v[:, :, prefix:].transpose(1, 2).reshape(b, h, w, heads * d)  # channel c = head * d + j
+    conv = torch.zeros_like(vg)
+    for y in range(h):
+        for x in range(w):
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < h and 0 <= xx < w:
+                        conv[:, y, x] += vg[:, yy, xx] * conv_weight[:, 0, dy + r, dx + r].double()
+            conv[:, y, x] += conv_bias.double()
+    return conv.reshape(b, h * w, heads, d).transpose(1, 2)
+
+
+def _cell_means(x: torch.Tensor, h: int, w: int, cells: int) -> torch.Tensor:
+    """(P, D) patch rows of an h×w grid -> (cells², D): the mean of each adaptive-pooling cell, rows
+    [⌊i·h/c⌋, ⌈(i+1)·h/c⌉) × columns [⌊j·w/c⌋, ⌈(j+1)·w/c⌉), written out cell by cell."""
+    grid = x.reshape(h, w, -1)
+    out = []
+    for i in range(cells):
+        for j in range(cells):
+            r0, r1 = (i * h) // cells, -((-(i + 1) * h) // cells)
+            c0, c1 = (j * w) // cells, -((-(j + 1) * w) // cells)
+            out.append(grid[r0:r1, c0:c1].reshape(-1, x.shape[-1]).mean(0))
+    return torch.stack(out)
+
+
+def _lloyd_loops(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> torch.Tensor:
+    """k-means by explicit loops: each point to its nearest centre (squared distance), each centre to the mean of
+    its points (unchanged when it has none)."""
+    for _ in range(iterations):
+        dist = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+        nearest = dist.argmin(1)
+        new = centres.clone()
+        for c in range(centres.shape[0]):
+            members = points[nearest == c]
+            if len(members):
+                new[c] = members.mean(0)
+        centres = new
+    return centres
+
+
+@torch.no_grad()
+def agent_reference(q, k, v, scale, prefix: int, grid: tuple[int, int], agents: int, kmeans: int,
+                    log_tau=None, conv_weight=None, conv_bias=None) -> torch.Tensor:
+    """Agent attention as the explicit (N, N) matrix softmax(τq·s·q Aᵀ)·softmax(τa·s·A Kᵀ) for patch queries and
+    exact softmax rows for prefix queries; agents A = [prefix queries; k-means of the patch queries started from
+    the grid cells' means], built one (batch, head) at a time."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, heads, n, d = q.shape
+    h, w = grid
+    attn = torch.zeros(b, heads, n, n, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(heads):
+            tq = 1.0 if log_tau is None else math.exp(float(log_tau[0, hi]))
+            ta = 1.0 if log_tau is None else math.exp(float(log_tau[1, hi]))
+            qs, ks = q[bi, hi], k[bi, hi]
+            centres = _lloyd_loops(qs[prefix:], _cell_means(qs[prefix:], h, w, agents), kmeans)
+            a = torch.cat([qs[:prefix], centres])
+            to_keys = torch.softmax(ta * scale * a @ ks.T, -1)  # (M, N)
+            to_agents = torch.softmax(tq * scale * qs[prefix:] @ a.T, -1)  # (P, M)
+            attn[bi, hi, prefix:] = to_agents @ to_keys
+            attn[bi, hi, :prefix] = torch.softmax(scale * qs[:prefix] @ ks.T, -1)
+    out = torch.einsum("bhnm,bhme->bhne", attn, v)
+    if conv_weight is not None:
+        out[:, :, prefix:] += _dwc_loops(v, conv_weight, conv_bias, prefix, h, w)
     return out

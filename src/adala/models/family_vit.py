@@ -15,6 +15,7 @@ from torch import nn
 from .. import attention as attention_registry
 from ..attention.base import KernelAttention
 from ..attention.grid import attach_patch_grid
+from .agent_block import install_agent_blocks
 from .families import Family, register_family
 from .linear_block import install_streamed_blocks
 from .pos_embed import use_cached_pos_embed
@@ -50,7 +51,9 @@ class VitFamily(Family):
 
     def after_surgery(self, model: nn.Module) -> None:
         attach_patch_grid(model)  # kinds that work on the 2-D patch grid learn its true (non-square) size
-        install_streamed_blocks(list(getattr(model, "backbone", model).blocks))  # CPU inference streams
+        blocks = list(getattr(model, "backbone", model).blocks)
+        install_streamed_blocks(blocks)  # CPU inference streams
+        install_agent_blocks(blocks)
 
 
 VIT = register_family(VitFamily())

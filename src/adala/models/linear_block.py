@@ -83,18 +83,9 @@ def _no_hooks(block: nn.Module) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules() if m is not block)
 
 
-def can_stream(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``streamed_forward(block, x)`` computes exactly what ``Block.forward(block, x)`` would."""
-    attn = getattr(block, "attn", None)
-    if not isinstance(attn, LinearAttention) or x.device.type != "cpu" or x.dim() != 3:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
-        return False
-    if not (attn.can_fuse(x) and not attn._takes_triton(x)):
-        return False
-    if not (isinstance(attn.norm, nn.Identity) and attn.gate is None and isinstance(attn.proj, nn.Linear)
-            and _inactive(attn.proj_drop) and _streamable_options(attn, x.shape[1])):
-        return False
+def plain_block(block: nn.Module) -> bool:
+    """The block-level half of the streaming conditions, shared by every streamed attention kind: LayerNorms,
+    plain LayerScales, no active drop-path or dropout, a per-token MLP and no forward hooks anywhere inside."""
     for name in ("norm1", "norm2"):
         if not isinstance(getattr(block, name), (nn.LayerNorm, nn.Identity)):
             return False
@@ -111,14 +102,35 @@ def can_stream(block: nn.Module, x: torch.Tensor) -> bool:
     return _no_hooks(block)
 
 
+def can_stream(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``streamed_forward(block, x)`` computes exactly what ``Block.forward(block, x)`` would."""
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, LinearAttention) or x.device.type != "cpu" or x.dim() != 3:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        return False
+    if not (attn.can_fuse(x) and not attn._takes_triton(x)):
+        return False
+    if not (isinstance(attn.norm, nn.Identity) and attn.gate is None and isinstance(attn.proj, nn.Linear)
+            and _inactive(attn.proj_drop) and _streamable_options(attn, x.shape[1])):
+        return False
+    return plain_block(block)
+
+
 def _streamable_options(attn: LinearAttention, n: int) -> bool:
     """``out_gate`` is adala's own gate; ``dwc`` is adala's zero-padded depthwise conv and needs a patch grid for
     ``n`` tokens (without one timm's path raises the one-line error)."""
     if attn.out_gate is not None and type(attn.out_gate) is not OutputGate:
         return False
-    if attn.dwc is None:
+    return streamable_conv(attn, n)
+
+
+def streamable_conv(attn: nn.Module, n: int) -> bool:
+    """No ``dwc``, or adala's own zero-padded, same-size depthwise conv with a patch grid known for ``n`` tokens
+    (what :func:`local_conv_rows` computes)."""
+    conv = getattr(attn, "dwc", None)
+    if conv is None:
         return True
-    conv = attn.dwc
     if not (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and conv.groups == attn.attn_dim
             and conv.stride == (1, 1) and conv.dilation == (1, 1)
             and conv.padding == (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)):
@@ -128,6 +140,34 @@ def _streamable_options(attn: LinearAttention, n: int) -> bool:
     except UnsupportedModelError:
         return False
     return True
+
+
+def local_conv_rows(conv: nn.Conv2d, grid: tuple[int, int, int], v_rows: torch.Tensor, s: int, e: int
+                    ) -> tuple[int, torch.Tensor] | None:
+    """A ``dwc`` conv's addition to tokens [s, e) of one image, from the V rows (N, A) of all its tokens on the
+    patch grid ``(prefix, h, w)``: the chunk row where its patch tokens start and their (rows, A) conv output;
+    None for a chunk of prefix tokens.
+
+    Only the grid rows the chunk touches, plus the kernel's halo, are convolved: zero rows stand in for the
+    halo beyond the image edge, so every output equals the whole-grid conv with its zero padding. The padded
+    grid is built channels-last, the layout V rows already have: one strided copy in, and oneDNN's depthwise
+    conv writes (rows, A) token rows straight out (an NCHW pad and conv took 14× longer at 1344²)."""
+    prefix, gh, gw = grid
+    a = v_rows.shape[1]
+    p0, p1 = max(s - prefix, 0), e - prefix
+    if p1 <= 0:
+        return None
+    r0, r1 = p0 // gw, (p1 - 1) // gw + 1  # grid rows holding patches p0..p1-1
+    ph, pw = conv.padding
+    a0, a1 = max(r0 - ph, 0), min(r1 + ph, gh)  # rows of V the conv reads
+    padded = torch.empty((1, a, r1 - r0 + 2 * ph, gw + 2 * pw), dtype=v_rows.dtype, device=v_rows.device,
+                         memory_format=torch.channels_last).zero_()
+    top = ph - (r0 - a0)
+    padded[0, :, top: top + a1 - a0, pw: pw + gw].copy_(
+        v_rows[prefix + a0 * gw: prefix + a1 * gw].view(a1 - a0, gw, a).permute(2, 0, 1))
+    y = F.conv2d(padded, conv.weight, conv.bias, groups=a)[0]  # (A, r1 - r0, gw), channels-last
+    first = p0 - r0 * gw
+    return max(prefix - s, 0), y.flatten(1).t()[first: first + p1 - p0]
 
 
 def _spans(n: int, parts: int) -> list[tuple[int, int]]:
@@ -208,28 +248,8 @@ class _Attention:
         return mat, diag.view(self.a, self.h)
 
     def local_conv(self, v_rows: torch.Tensor, s: int, e: int) -> tuple[int, torch.Tensor] | None:
-        """``dwc``'s addition to tokens [s, e) of one image, from the V rows (N, A) of all its tokens: the chunk
-        row where its patch tokens start and their (rows, A) conv output; None for a chunk of prefix tokens.
-
-        Only the grid rows the chunk touches, plus the kernel's halo, are convolved: zero rows stand in for the
-        halo beyond the image edge, so every output equals the whole-grid conv with its zero padding. The padded
-        grid is built channels-last, the layout V rows already have: one strided copy in, and oneDNN's depthwise
-        conv writes (rows, A) token rows straight out (an NCHW pad and conv took 14× longer at 1344²)."""
-        prefix, gh, gw = self.grid
-        p0, p1 = max(s - prefix, 0), e - prefix
-        if p1 <= 0:
-            return None
-        r0, r1 = p0 // gw, (p1 - 1) // gw + 1  # grid rows holding patches p0..p1-1
-        ph, pw = self.dwc.padding
-        a0, a1 = max(r0 - ph, 0), min(r1 + ph, gh)  # rows of V the conv reads
-        grid = torch.empty((1, self.a, r1 - r0 + 2 * ph, gw + 2 * pw), dtype=v_rows.dtype, device=v_rows.device,
-                           memory_format=torch.channels_last).zero_()
-        top = ph - (r0 - a0)
-        grid[0, :, top: top + a1 - a0, pw: pw + gw].copy_(
-            v_rows[prefix + a0 * gw: prefix + a1 * gw].view(a1 - a0, gw, self.a).permute(2, 0, 1))
-        y = F.conv2d(grid, self.dwc.weight, self.dwc.bias, groups=self.a)[0]  # (A, r1 - r0, gw), channels-last
-        first = p0 - r0 * gw
-        return max(prefix - s, 0), y.flatten(1).t()[first: first + p1 - p0]
+        """``dwc``'s addition to tokens [s, e) of one image (see :func:`local_conv_rows`)."""
+        return local_conv_rows(self.dwc, self.grid, v_rows, s, e)
 
     def attend(self, q_rows: torch.Tensor, mat: torch.Tensor, ksum_diag: torch.Tensor, out: torch.Tensor,
                conv: tuple[int, torch.Tensor] | None = None, gate_down: torch.Tensor | None = None) -> None:
