@@ -42,7 +42,7 @@ def _student(teacher, kind):
 
 
 DYNAMIC_KINDS = ["teacher", "linear-elu", "linear-relu", "softmax", "hedgehog", "performer"]
-STATIC_ONLY_KINDS = ["focused", "nystrom"]
+STATIC_ONLY_KINDS = ["focused", "nystrom", "agent"]
 
 
 @pytest.mark.parametrize("kind", DYNAMIC_KINDS)

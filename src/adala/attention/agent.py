@@ -36,13 +36,23 @@ from .grid import patch_grid
 from .registry import register
 
 
+def cell_matrix(size: int, cells: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(cells, size) averaging matrix of ``adaptive_avg_pool``'s cells along one axis: cell i spans
+    [⌊i·size/cells⌋, ⌈(i+1)·size/cells⌉). Written with comparisons, not the pooling op, so ONNX can export it."""
+    i = torch.arange(cells, device=device).unsqueeze(1)
+    r = torch.arange(size, device=device).unsqueeze(0)
+    inside = (r >= (i * size) // cells) & (r < ((i + 1) * size + cells - 1) // cells)
+    inside = inside.to(dtype)
+    return inside / inside.sum(1, keepdim=True)
+
+
 def pool_patch_grid(x: torch.Tensor, prefix: int, h: int, w: int, agents: int) -> torch.Tensor:
-    """(B, H, N, D) tokens -> (B, H, agents², D): the patch tokens average-pooled onto an agents×agents grid
+    """(..., N, D) tokens -> (..., agents², D): the patch tokens average-pooled onto an agents×agents grid
     (``adaptive_avg_pool2d``'s cells; a grid smaller than ``agents`` repeats patches)."""
-    b, heads, _, d = x.shape
-    grid = x[:, :, prefix:].reshape(b * heads, h, w, d).permute(0, 3, 1, 2)
-    pooled = F.adaptive_avg_pool2d(grid, agents)  # (BH, D, a, a)
-    return pooled.flatten(2).transpose(1, 2).reshape(b, heads, agents * agents, d)
+    grid = x[..., prefix:, :].reshape(*x.shape[:-2], h, w, x.shape[-1])
+    rows, cols = cell_matrix(h, agents, x.dtype, x.device), cell_matrix(w, agents, x.dtype, x.device)
+    pooled = torch.einsum("ih,...hwd,jw->...ijd", rows, grid, cols)
+    return pooled.reshape(*x.shape[:-2], agents * agents, x.shape[-1])
 
 
 def lloyd(x: torch.Tensor, centres: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -115,16 +125,21 @@ class AgentAttention(KernelAttention):
         return torch.cat([out_prefix, out_patch], dim=2).to(out_dtype)
 
     def flops(self, n: int) -> dict[str, int]:
-        """Agent logits and state (2·2·m·N·D), query logits and output (2·2·N·m·D), the two softmaxes'
-        exps and sums (2·N·m), the prefix queries' exact row (4·P·N·D) and the pooling (N·D), per head."""
-        m = self.agents**2 + self.num_prefix_tokens
-        d, heads, p = self.head_dim, self.num_heads, self.num_prefix_tokens
-        return {
-            "agents": (4 * m * n * d + 2 * n * m) * heads,
-            "queries": (4 * n * m * d + 2 * n * m) * heads,
-            "prefix_exact": 4 * p * n * d * heads,
-            "pooling": n * d * heads,
+        """By ``adala.benchmark.flops``' convention (matmuls exact, softmax exps not counted), per head: the agents'
+        and prefix rows' scores and states (2·2·R·N·D, R = 2P + m), the patch queries' scores and mixture
+        (2·2·N·M·D, M = P + m), each Lloyd iteration's scores and sums (2·Nₚ·m·D + Nₚ·D), the pooling (Nₚ·D) and
+        the ``dwc`` conv (2·K²·Nₚ·D)."""
+        p = self.num_prefix_tokens
+        m, d, heads, n_p = self.agents**2, self.head_dim, self.num_heads, max(n - self.num_prefix_tokens, 0)
+        out = {
+            "agents": 4 * (2 * p + m) * n * d * heads,
+            "queries": 4 * n_p * (p + m) * d * heads,
+            "kmeans": self.kmeans * (2 * n_p * m * d + n_p * d) * heads,
+            "pooling": n_p * d * heads,
         }
+        if self.dwc is not None:
+            out["dwc"] = 2 * self.dwc.kernel_size[0] * self.dwc.kernel_size[1] * n_p * d * heads
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", grid={self.grid}"

@@ -23,11 +23,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..attention.agent import AgentAttention
+from ..attention.agent import AgentAttention, pool_patch_grid
 from ..attention.grid import patch_grid
 from ..attention.ops import workspace
 from ..errors import UnsupportedModelError
@@ -77,8 +76,7 @@ def _centres(attn: AgentAttention, q: torch.Tensor, grid: tuple[int, int, int]) 
     prefix, gh, gw = grid
     h, d = attn.num_heads, attn.head_dim
     patches = q[prefix:]
-    pooled = F.adaptive_avg_pool2d(patches.view(1, gh, gw, -1).permute(0, 3, 1, 2), attn.agents)  # (1, A, a, a)
-    centres = pooled.view(h, d, -1).transpose(1, 2).contiguous()  # (H, m, D)
+    centres = pool_patch_grid(_heads(q, h), prefix, gh, gw, attn.agents).contiguous()  # (H, m, D)
     if not attn.kmeans:
         return centres
     m = centres.shape[1]

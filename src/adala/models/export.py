@@ -10,8 +10,8 @@ Sizes. With ``dynamic=True`` height, width (and batch) are graph inputs: the pos
 resampled inside the graph (an ONNX bicubic ``Resize``) from the pretrained grid, so one file serves
 every multiple of the patch size. Without it the graph is fixed to ``img_size`` (batch stays
 dynamic) and that size's position embedding is baked in as a constant. Refused for ``dynamic``:
-kinds whose forward branches on sizes as Python numbers (``focused``, ``nystrom``: export them per
-size) and models resampled with antialiasing (timm's default outside DINOv2), which the exporter
+kinds whose forward branches on sizes as Python numbers (``focused``, ``nystrom``, ``agent``: export them
+per size) and models resampled with antialiasing (timm's default outside DINOv2), which the exporter
 cannot express. ``window-hybrid`` cannot be exported at all.
 
 Uses the TorchScript-based exporter (``dynamo=False``), which needs no extra packages; the
@@ -46,6 +46,7 @@ NOT_EXPORTABLE = {
 STATIC_ONLY = {
     "focused": "its depthwise convolution reshapes by the patch grid, known only as Python integers",
     "nystrom": "its landmark segments and its exact-softmax fallback for short sequences follow the token count",
+    "agent": "its agent pooling and prefix split follow the patch grid, known only as Python integers",
 }
 
 
