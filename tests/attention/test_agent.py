@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 import adala
 from adala.attention import build
 from adala.attention import naive_kinds as nk
-from adala.attention.agent import lloyd
+from adala.attention.agent import kmeans_stride, lloyd
 from adala.errors import ConfigError
 from adala.models import agent_block as ab
 from adala.models import linear_block as lb
@@ -47,13 +47,16 @@ def teacher_attn():
 
 @pytest.mark.parametrize("prefix,grid", [(1, (5, 5)), (0, (6, 4)), (5, (7, 3))])
 @pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 1, "dwc": 3},
-                                     {"agents": 4, "kmeans": 2, "temperature": False}])
+                                     {"agents": 4, "kmeans": 2, "temperature": False},
+                                     {"agents": 2, "kmeans": 2, "kmeans_points": 4}])  # k-means on a 2× subgrid
 def test_mix_matches_reference(one_thread, teacher_attn, prefix, grid, options):
     m = _perturb(build("agent", teacher_attn, **options)).double()
     m.num_prefix_tokens, m.grid = prefix, grid
     q, k, v = _qkv(n=prefix + grid[0] * grid[1], std=2.0)
     conv = (m.dwc.weight, m.dwc.bias) if m.dwc is not None else (None, None)
-    ref = nk.agent_reference(q, k, v, m.scale, prefix, grid, m.agents, m.kmeans, m.log_tau, *conv)
+    stride = kmeans_stride(grid[0] * grid[1], m.kmeans_points)
+    assert stride == (2 if m.kmeans_points == 4 else 1)
+    ref = nk.agent_reference(q, k, v, m.scale, prefix, grid, m.agents, m.kmeans, m.log_tau, *conv, stride)
     assert _rel(m.mix(q, k, v), ref) < 1e-10
 
 
@@ -63,6 +66,13 @@ def test_prefix_queries_are_exact_softmax(one_thread, teacher_attn):
     q, k, v = _qkv(n=21, std=2.0)
     want = torch.softmax(m.scale * q[:, :, :5] @ k.transpose(-2, -1), -1) @ v
     torch.testing.assert_close(m.mix(q, k, v)[:, :, :5], want, rtol=1e-12, atol=1e-12)
+
+
+def test_kmeans_subgrid_keeps_about_the_asked_points():
+    assert kmeans_stride(1024, 1024) == 1 and kmeans_stride(4096, 1024) == 2 and kmeans_stride(9216, 1024) == 3
+    assert kmeans_stride(9216, 0) == 1 and kmeans_stride(100, 1024) == 1
+    for side in (32, 64, 96, 146, 292):  # 448² ... 4088²: never fewer than the asked points
+        assert len(range(0, side, kmeans_stride(side * side, 1024))) ** 2 >= 1024
 
 
 def test_lloyd_finds_hand_made_clusters():
@@ -86,7 +96,7 @@ def test_centres_carry_gradient_to_queries(teacher_attn):
 
 
 @pytest.mark.parametrize("bad", [{"agents": 0}, {"agents": True}, {"agents": 2.5}, {"kmeans": -1},
-                                 {"kmeans": "2"}, {"dwc": 2}, {"temperature": "yes"}])
+                                 {"kmeans": "2"}, {"kmeans_points": -1}, {"dwc": 2}, {"temperature": "yes"}])
 def test_bad_options_are_one_line_errors(teacher_attn, bad):
     with pytest.raises(ConfigError) as e:
         build("agent", teacher_attn, **bad)
@@ -112,7 +122,8 @@ def _student(**options):
 
 
 @pytest.mark.parametrize("size", [(28, 28), (56, 84), (98, 42), (112, 112)])  # one chunk ... many; non-square
-@pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 2, "dwc": 3}])
+@pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 2, "dwc": 3},
+                                     {"agents": 2, "kmeans": 2, "kmeans_points": 6}])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_streamed_block_matches_reference(one_thread, chunk, size, options, batch):
     student = _student(**options)
@@ -146,7 +157,8 @@ def test_streamed_block_matches_reference(one_thread, chunk, size, options, batc
     q, k, v = attn.qkv_heads(h)
     conv = (attn.dwc.weight, attn.dwc.bias) if attn.dwc is not None else (None, None)
     grid = (size[0] // 14, size[1] // 14)
-    mixed = nk.agent_reference(q, k, v, attn.scale, 5, grid, attn.agents, attn.kmeans, attn.log_tau, *conv)
+    stride = kmeans_stride(grid[0] * grid[1], attn.kmeans_points)
+    mixed = nk.agent_reference(q, k, v, attn.scale, 5, grid, attn.agents, attn.kmeans, attn.log_tau, *conv, stride)
     want_block = tokens + block.ls1(attn.proj(mixed.transpose(1, 2).reshape(*tokens.shape[:2], -1)))
     want_block = want_block + block.ls2(block.mlp(block.norm2(want_block)))
     with torch.no_grad():

@@ -197,10 +197,10 @@ def _lloyd_loops(points: torch.Tensor, centres: torch.Tensor, iterations: int) -
 
 @torch.no_grad()
 def agent_reference(q, k, v, scale, prefix: int, grid: tuple[int, int], agents: int, kmeans: int,
-                    log_tau=None, conv_weight=None, conv_bias=None) -> torch.Tensor:
+                    log_tau=None, conv_weight=None, conv_bias=None, kmeans_stride: int = 1) -> torch.Tensor:
     """Agent attention as the explicit (N, N) matrix softmax(τq·s·q Aᵀ)·softmax(τa·s·A Kᵀ) for patch queries and
-    exact softmax rows for prefix queries; agents A = [prefix queries; k-means of the patch queries started from
-    the grid cells' means], built one (batch, head) at a time."""
+    exact softmax rows for prefix queries; agents A = [prefix queries; k-means of the patch queries at every
+    ``kmeans_stride``-th grid row and column, started from the grid cells' means], one (batch, head) at a time."""
     q, k, v = q.double(), k.double(), v.double()
     b, heads, n, d = q.shape
     h, w = grid
@@ -210,7 +210,8 @@ def agent_reference(q, k, v, scale, prefix: int, grid: tuple[int, int], agents: 
             tq = 1.0 if log_tau is None else math.exp(float(log_tau[0, hi]))
             ta = 1.0 if log_tau is None else math.exp(float(log_tau[1, hi]))
             qs, ks = q[bi, hi], k[bi, hi]
-            centres = _lloyd_loops(qs[prefix:], _cell_means(qs[prefix:], h, w, agents), kmeans)
+            points = [qs[prefix + y * w + x] for y in range(0, h, kmeans_stride) for x in range(0, w, kmeans_stride)]
+            centres = _lloyd_loops(torch.stack(points), _cell_means(qs[prefix:], h, w, agents), kmeans)
             a = torch.cat([qs[:prefix], centres])
             to_keys = torch.softmax(ta * scale * a @ ks.T, -1)  # (M, N)
             to_agents = torch.softmax(tq * scale * qs[prefix:] @ a.T, -1)  # (P, M)

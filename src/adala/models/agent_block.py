@@ -26,7 +26,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..attention.agent import AgentAttention, pool_patch_grid
+from ..attention.agent import AgentAttention, kmeans_stride, pool_patch_grid, subgrid
 from ..attention.grid import patch_grid
 from ..attention.ops import workspace
 from ..errors import UnsupportedModelError
@@ -71,21 +71,21 @@ def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _centres(attn: AgentAttention, q: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """(H, m, D) agents from one image's (N, A) query rows: grid pooling, then Lloyd iterations as
-    ``attention.agent.lloyd`` does them (argmax of q·c − |c|²/2, means by ``index_add``)."""
+    """(H, m, D) agents from one image's (N, A) query rows: grid pooling, then Lloyd iterations on the strided
+    subgrid as ``attention.agent.lloyd`` does them (argmax of q·c − |c|²/2, means by ``index_add``)."""
     prefix, gh, gw = grid
     h, d = attn.num_heads, attn.head_dim
-    patches = q[prefix:]
-    centres = pool_patch_grid(_heads(q, h), prefix, gh, gw, attn.agents).contiguous()  # (H, m, D)
+    centres = pool_patch_grid(q, prefix, gh, gw, attn.agents).view(-1, h, d).transpose(0, 1).contiguous()
     if not attn.kmeans:
         return centres
     m = centres.shape[1]
-    points = _heads(patches, h).contiguous()  # (H, Np, D), read once per iteration
+    stride = kmeans_stride(gh * gw, attn.kmeans_points)
+    points = _heads(subgrid(q, prefix, gh, gw, stride), h).contiguous()  # (H, Nk, D): at most ~kmeans_points
     offsets = (torch.arange(h, device=q.device) * m).view(h, 1)
     flat_points = points.view(-1, d)
     for _ in range(attn.kmeans):
         scores = torch.baddbmm(centres.pow(2).sum(-1).mul(-0.5).unsqueeze(1), points, centres.transpose(1, 2))
-        nearest = (scores.argmax(-1) + offsets).view(-1)  # (H·Np,) cluster ids, head-major
+        nearest = (scores.argmax(-1) + offsets).view(-1)  # (H·Nk,) cluster ids, head-major
         del scores
         sums = centres.new_zeros(h * m, d).index_add_(0, nearest, flat_points)
         count = torch.bincount(nearest, minlength=h * m).to(sums.dtype).unsqueeze(-1)
@@ -139,15 +139,22 @@ def agent_streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         exact, states = states[:, :prefix], states[:, prefix:]  # prefix outputs; agent states (H, M, D)
         q_agents = (agents * sq).transpose(1, 2)  # (H, D, M)
         m_all = agents.shape[1]
+        # (H·M, C): the agent states times Wpᵀ. Not with dwc: its conv sits before proj, and a second GEMM for
+        # conv·Wpᵀ costs a whole projection, more than mixing the states first (measured 9 % vs 5 % of a block)
         folded = None if attn.dwc is not None else torch.bmm(states, wp.t().reshape(h, d, c)).view(h * m_all, c)
+        scores = x.new_empty(max(e0 - s0 for s0, e0 in spans), h * m_all)
         for s0, e0 in spans:  # pass 2: queries over the agents, projection, residuals and MLP
-            rows = out[i, s0:e0]
-            weights = torch.bmm(_heads(q[s0:e0], h), q_agents).softmax(-1)  # (H, n, M)
-            mixed = x.new_empty(e0 - s0, c)
+            rows, c_rows = out[i, s0:e0], e0 - s0
+            for j in range(h):  # per head, straight into the (rows, H·M) layout the folded GEMM reads
+                torch.mm(q[s0:e0, j * d: (j + 1) * d], q_agents[j], out=scores[:c_rows, j * m_all: (j + 1) * m_all])
+            weights = torch.softmax(scores[:c_rows].view(c_rows, h, m_all), dim=-1)  # (rows, H, M)
+            mixed = x.new_empty(c_rows, c)
             if folded is not None:
-                _addmm(attn.proj.bias, weights.transpose(0, 1).reshape(e0 - s0, -1), folded, out=mixed)
+                _addmm(attn.proj.bias, weights.view(c_rows, -1), folded, out=mixed)
             else:
-                att = torch.bmm(weights, states).transpose(0, 1).reshape(e0 - s0, a)
+                att = x.new_empty(c_rows, a)
+                for j in range(h):  # each head's mixture of agent states, written in (rows, A) layout
+                    torch.mm(weights[:, j], states[j], out=att[:, j * d: (j + 1) * d])
                 conv = local_conv_rows(attn.dwc, grid, v, s0, e0)
                 if conv is not None:
                     att[conv[0]:].add_(conv[1])
