@@ -33,6 +33,10 @@ stages:
                      steps: 2, batch_size: 4, eval_data: "fashion-mnist:test", eval_length: 8}
   finetune: {kind: finetune, from: stage2, task: classification, data: "fashion-mnist:train", length: 8,
              steps: 2, batch_size: 4, eval_data: "fashion-mnist:test", eval_length: 8}
+  agent_student: {kind: linearize, attention: agent, options: {agents: 2}}
+  agent_stage1: {kind: align-attention, from: agent_student, data: photos, steps: 2, batch_size: 2, lr: 3.0e-4}
+  fidelity_agent: {kind: evaluate, from: agent_stage1, task: features, data: "photos:heldout", teacher: true,
+                   img_size: [28, 56], length: 2}
   segmentation: {kind: finetune, from: stage2, task: segmentation, head: linear, freeze_backbone: true,
                  data: "fashion-mnist-seg:train", length: 16, epochs: 1, eval_data: "fashion-mnist-seg:test",
                  eval_length: 8}
@@ -63,6 +67,9 @@ def test_short_demo_writes_a_traceable_report(tmp_path):
         assert src["text"] in text
     assert "| none |" in text and "| stage 1 + 2 |" in text and "22.92" in text
     assert "| 28² | 56² |" in text  # the fidelity-vs-resolution table, one column per evaluated size
+    assert "| agent attention, stage 1 (224²) |" in text  # the agent arm's curve beside the paper's kernel
+    bench = json.loads((out / "bench.json").read_text())
+    assert "--model " + str(out / "agent_stage1") in bench["command"]
     assert "full fine-tune top-1 (%), 2 steps |" in text  # the step count is read from the run, too
     # the reported numbers are the run's: top-1 of the student probe, from summary.json
     summary = json.loads((out / "summary.json").read_text())

@@ -26,12 +26,16 @@ def run_demo(config: Path, out: Path, fresh: bool = False, resolutions: list[int
     summary = run_recipe(config, out, fresh=fresh)
     bench_file = out / "bench.json"
     student_dir = out / "stage2"
+    students = {"student": str(student_dir)}
+    if (out / "agent_stage1" / "adala.json").is_file():  # the recipe's agent-attention arm, timed beside it
+        students["agent"] = str(out / "agent_stage1")
     if fresh or not bench_file.is_file():
-        print(f"[bench] teacher vs stage-2 student at {', '.join(map(str, resolutions))} px (batch 1, CPU)")
-        record = bench(summary["teacher"], students={"student": str(student_dir)}, resolutions=resolutions,
+        print(f"[bench] teacher vs {', '.join(students)} at {', '.join(map(str, resolutions))} px (batch 1, CPU)")
+        record = bench(summary["teacher"], students=students, resolutions=resolutions,
                        repeats=repeats, memory=memory, progress=print)
-        record["command"] = f"adala bench --teacher {summary['teacher']} --model {student_dir} --resolutions " \
-                            + ",".join(map(str, resolutions))
+        record["command"] = f"adala bench --teacher {summary['teacher']} " \
+                            + " ".join(f"--model {d}" for d in students.values()) \
+                            + " --resolutions " + ",".join(map(str, resolutions))
         write_bench_json(record, bench_file)
     commands = ["make demo", f"adala demo --config {config} --out {out}"]
     report = write_report(out, commands=commands, config_text=Path(config).read_text(), pca_size=pca_size)
