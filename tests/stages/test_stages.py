@@ -187,3 +187,35 @@ def test_mixed_data_alternates_sources():
     assert torch.equal(mix[0], photos[0]) and torch.equal(mix[3], fashion[1]) and torch.equal(mix[4], photos[2])
     with pytest.raises(Exception, match="only for unlabeled"):
         dataset(t, ["fashion-mnist", "fashion-mnist:test"], task="classification", img_size=56, train=False)
+
+
+def test_cls_weight_adds_the_prefix_tokens_own_loss():
+    """loss = loss(all tokens) + w · loss(prefix tokens), computed by hand on a tiny teacher/student pair."""
+    from conftest import tiny_teacher
+
+    from adala.stages.align_features import FeatureAlignment
+
+    teacher = tiny_teacher("vit_small_patch14_reg4_dinov2").eval()  # CLS + 4 registers
+    student = adala.linearize(teacher, "linear-elu")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        t, s = teacher.forward_features(x), student.forward_features(x)
+        plain, _ = FeatureAlignment(teacher, student, "mse")(x)
+        weighted, logs = FeatureAlignment(teacher, student, "mse", cls_weight=2.5)(x)
+    want_plain = (s - t).pow(2).mean()
+    want = want_plain + 2.5 * (s[:, :5] - t[:, :5]).pow(2).mean()
+    torch.testing.assert_close(plain, want_plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weighted, want, rtol=1e-5, atol=1e-7)
+    cls_cos = torch.nn.functional.cosine_similarity(s[:, :5], t[:, :5], dim=-1).mean()
+    torch.testing.assert_close(logs["cls_cosine"], cls_cos, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1.0, True, "1", float("nan")])
+def test_bad_cls_weight_is_a_one_line_error(bad, tmp_path):
+    from conftest import tiny_teacher
+
+    teacher = tiny_teacher()
+    with pytest.raises(ConfigError) as e:
+        align_features(teacher, adala.linearize(teacher, "linear-elu"), data="photos", img_size=28, steps=1,
+                       batch_size=2, cls_weight=bad, out=tmp_path / "s2", progress=False)
+    assert "\n" not in str(e.value) and "cls_weight" in str(e.value)

@@ -106,7 +106,8 @@ def _align_features(args: argparse.Namespace) -> int:
     _check_out(args.out, args.resume)
     r = align_features(args.teacher, args.student, data=_data(args.data), img_size=args.img_size, steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, loss=args.loss, trainable=args.trainable,
-                       mosaic=args.mosaic, out=args.out, force=args.force, **_train_kwargs(args))
+                       mosaic=args.mosaic, cls_weight=args.cls_weight, out=args.out, force=args.force,
+                       **_train_kwargs(args))
     _print_metrics(r, ("loss", "mse", "cosine"))
     return 0
 
@@ -226,6 +227,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what stage 2 trains")
     p.add_argument("--mosaic", type=float, default=0.0,
                    help="fraction of images replaced by 2x2 mosaics of four batch images (default: 0, none)")
+    p.add_argument("--cls-weight", type=float, default=0.0,
+                   help="weight of the same loss on the CLS/register tokens alone (1: as much as all patches; "
+                        "default: 0, none)")
     p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
     p.set_defaults(func=_align_features)

@@ -45,15 +45,20 @@ def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, los
 
 
 class FeatureAlignment(nn.Module):
-    """Objective: ``forward(images) -> (loss(student tokens, teacher tokens), {"mse", "cosine"})``."""
+    """Objective: ``forward(images) -> (loss(student tokens, teacher tokens), {"mse", "cosine"})``.
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, loss: str = "mse") -> None:
+    ``cls_weight`` adds the same loss on the prefix tokens alone (CLS, registers) with that weight: in the mean
+    over all tokens the one CLS token weighs 1/N (1/1025 at 448²), yet it is what a classifier or retrieval
+    reads; 1 makes it count as much as all patches together."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, loss: str = "mse", cls_weight: float = 0.0) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.teacher = teacher
         self.student = student
         self.loss = loss
+        self.cls_weight = float(cls_weight)
 
     def train(self, mode: bool = True) -> FeatureAlignment:
         super().train(mode)
@@ -66,7 +71,13 @@ class FeatureAlignment(nn.Module):
         with torch.no_grad():
             target = family_of(t_vit).features(t_vit, x)
         pred = family_of(s_vit).features(s_vit, x)
-        return feature_loss(pred, target, self.loss)
+        value, logs = feature_loss(pred, target, self.loss)
+        prefix = family_of(t_vit).num_prefix_tokens(t_vit)
+        if self.cls_weight and prefix:
+            cls_value, cls_logs = feature_loss(pred[:, :prefix], target[:, :prefix], self.loss)
+            value = value + self.cls_weight * cls_value
+            logs = {**logs, "cls_cosine": cls_logs["cosine"]}
+        return value, logs
 
 
 def _select_trainable(student: nn.Module, trainable: str) -> None:
@@ -92,6 +103,7 @@ def align_features(
     loss: str = "mse",
     trainable: str = "all",
     mosaic: float = 0.0,
+    cls_weight: float = 0.0,
     out: str | os.PathLike | None = None,
     length: int | None = None,
     force: bool = False,
@@ -104,6 +116,7 @@ def align_features(
     seed and data order), so the student learns to stay faithful across token counts, not at one size.
     ``mosaic`` (0–1) replaces that fraction of images by 2×2 mosaics of four batch images
     (``adala.data.transforms.mosaic_batch``): new scenes from the same sources, for small datasets.
+    ``cls_weight`` ≥ 0 adds the loss on the prefix tokens alone with that weight (:class:`FeatureAlignment`).
     ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
     ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
@@ -115,6 +128,8 @@ def align_features(
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if isinstance(mosaic, bool) or not isinstance(mosaic, (int, float)) or not 0 <= mosaic <= 1:
             raise ConfigError(f"mosaic must be a fraction from 0 to 1, got {mosaic!r}")
+        if isinstance(cls_weight, bool) or not isinstance(cls_weight, (int, float)) or not cls_weight >= 0:
+            raise ConfigError(f"cls_weight must be a number >= 0, got {cls_weight!r}")
         teacher = as_teacher(teacher)
         student = trainable_copy(student, "student")
         check_pair(teacher, student)
@@ -133,8 +148,10 @@ def align_features(
             if isinstance(ds, torch.utils.data.IterableDataset):
                 raise ConfigError("several img_size values or mosaic need map-style data (not wds:)")
             ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed, float(mosaic))
-        objective = FeatureAlignment(teacher, student, loss)
+        objective = FeatureAlignment(teacher, student, loss, cls_weight)
         extra = {"mosaic": float(mosaic)} if mosaic else {}
+        if cls_weight:
+            extra["cls_weight"] = float(cls_weight)
         objective.run_config = stage_options(teacher, img_size=img_size, loss=loss, train=trainable, data=data,
                                              length=length, **extra)
         result = run_training(objective, ds, cfg, out, stage="align-features", collate_fn=collate,
