@@ -33,6 +33,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def attention_io(teacher: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) of every block's attention in one no-grad teacher forward of ``x``."""
+    seen = []
+    hooks = [b.attn.register_forward_hook(lambda m, a, o: seen.append((a[0], o))) for b in teacher.blocks]
+    try:
+        with torch.no_grad():
+            teacher.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def perturb_options(attn: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
     """Random values where a linear kind's options start as exact identities (zero dwc, gate of 1, unit
     temperature), so a test of an option sees it do something."""

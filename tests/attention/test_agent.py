@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import attention_io, tiny_teacher
 from timm.models.vision_transformer import Block
 
 import adala
@@ -213,17 +213,8 @@ def test_swap_error_at_448_is_well_below_linear_elu(embedded_teacher):
     t = embedded_teacher
     cfg = t.adala_config
     ds = build_dataset("heldout", task="unlabeled", img_size=448, mean=cfg["mean"], std=cfg["std"], train=False)
-    x = ds[0].unsqueeze(0)
-    seen = []
-    hooks = [b.attn.register_forward_hook(lambda m, a, o: seen.append((a[0], o))) for b in t.blocks]
-    try:
-        with torch.no_grad():
-            t.forward_features(x)
-    finally:
-        for h in hooks:
-            h.remove()
     errs = {"linear-elu": [], "agent": []}
-    for block, (xin, out) in zip(t.blocks, seen):
+    for block, (xin, out) in zip(t.blocks, attention_io(t, ds[0].unsqueeze(0))):
         for kind, found in errs.items():
             m = build(kind, block.attn)
             m.num_prefix_tokens, m.grid = 1, (32, 32)

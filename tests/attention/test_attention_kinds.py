@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import attention_io, tiny_teacher
 
 import adala
 from adala.attention import build
@@ -257,16 +257,7 @@ def real_attention_io(embedded_teacher):
     t = embedded_teacher
     cfg = t.adala_config
     ds = build_dataset("photos", task="unlabeled", img_size=112, mean=cfg["mean"], std=cfg["std"], train=False)
-    x = torch.stack([ds[i] for i in range(2)])
-    seen = []
-    hooks = [b.attn.register_forward_hook(lambda m, a, o: seen.append((a[0], o))) for b in t.blocks]
-    try:
-        with torch.no_grad():
-            t.forward_features(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return t, seen
+    return t, attention_io(t, torch.stack([ds[i] for i in range(2)]))
 
 
 def _swap_error(teacher, seen, kind: str) -> float:

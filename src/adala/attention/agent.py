@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import KernelAttention
+from .base import KernelAttention, upcast
 from .grid import patch_grid
 from .registry import register
 
@@ -124,8 +124,7 @@ class AgentAttention(KernelAttention):
         prefix, h, w = patch_grid(self, q.shape[2])
         out_dtype = v.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
-            acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-            q, k, v = q.to(acc), k.to(acc), v.to(acc)
+            q, k, v = upcast(q, k, v)
             sq, sa = self.temperatures()
             pooled = pool_patch_grid(q, prefix, h, w, self.agents)
             if self.kmeans:
@@ -139,7 +138,7 @@ class AgentAttention(KernelAttention):
             if self.dwc is not None:
                 b, heads, n, d = v.shape
                 grid = v[:, :, prefix:].transpose(1, 2).reshape(b, h, w, heads * d).permute(0, 3, 1, 2)
-                conv = F.conv2d(grid, self.dwc.weight.to(acc), self.dwc.bias.to(acc), padding=self.dwc.padding,
+                conv = F.conv2d(grid, self.dwc.weight.to(v.dtype), self.dwc.bias.to(v.dtype), padding=self.dwc.padding,
                                 groups=self.attn_dim)
                 out_patch = out_patch + conv.flatten(2).view(b, heads, d, h * w).transpose(-2, -1)
         return torch.cat([out_prefix, out_patch], dim=2).to(out_dtype)

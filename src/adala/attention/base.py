@@ -16,6 +16,13 @@ from torch import nn
 from ..errors import UnsupportedModelError
 
 
+def upcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in the dtype the exact-softmax kinds accumulate in: float64 stays, everything else becomes fp32
+    (under autocast too, which the caller switches off), since their scores are exponentiated."""
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return q.to(acc), k.to(acc), v.to(acc)
+
+
 def is_linear(attn: nn.Module) -> bool:
     """Whether ``attn`` is one of the linear kinds (anything but exact softmax): the blocks stage 1 trains, the
     benchmarks count as linear and a hybrid can switch back. A module without a ``kind`` is the teacher's

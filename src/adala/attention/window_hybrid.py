@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import KernelAttention
+from .base import KernelAttention, upcast
 from .grid import patch_grid
 from .ops import DEFAULT_EPS, elu_plus_one
 from .registry import register
@@ -85,8 +85,7 @@ class WindowHybridAttention(KernelAttention):
         prefix, h, w = patch_grid(self, q.shape[2])
         out_dtype = v.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
-            acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-            q, k, v = q.to(acc), k.to(acc), v.to(acc)
+            q, k, v = upcast(q, k, v)
             s = float(self.scale)
             out_prefix = torch.softmax((q[:, :, :prefix] * s) @ k.transpose(-2, -1), dim=-1) @ v
             out_patch = self._patch_queries(q[:, :, prefix:], k, v, prefix, h, w, s)

@@ -20,7 +20,6 @@ tracer, a known patch grid and the block-level conditions of ``linear_block.plai
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -34,6 +33,7 @@ from ..runtime import freed_memory_kept
 from ..tracing import is_tracing
 from .linear_block import (
     _STATE,
+    StreamedBlock,
     _addmm,
     _inactive,
     _mlp_residual,
@@ -168,15 +168,12 @@ def agent_streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class AgentBlock(Block):
-    """timm's ``Block`` that streams its forward when :func:`can_stream_agent` holds (installed on blocks with
-    ``agent`` attention; the class swap keeps every parameter, buffer and state-dict key)."""
+class AgentBlock(StreamedBlock):
+    """Streams when :func:`can_stream_agent` holds (installed on blocks with ``agent`` attention; the class swap
+    keeps every parameter, buffer and state-dict key)."""
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plain = not args and kwargs.get("attn_mask") is None and not kwargs.get("is_causal", False)
-        if plain and can_stream_agent(self, x):
-            return agent_streamed_forward(self, x)
-        return super().forward(x, *args, **kwargs)
+    def _stream(self, x: torch.Tensor) -> torch.Tensor | None:
+        return agent_streamed_forward(self, x) if can_stream_agent(self, x) else None
 
 
 def install_agent_blocks(blocks: list[nn.Module]) -> int:

@@ -382,15 +382,27 @@ def _whole_images(block: nn.Module, att: _Attention, x_rows: torch.Tensor, out_r
     _mlp_residual(block, out_rows)
 
 
-class LinearBlock(Block):
-    """timm's ``Block`` that streams its forward when :func:`can_stream` holds (installed by surgery on
-    blocks that get a linear attention; the class swap keeps every parameter, buffer and state-dict key)."""
+class StreamedBlock(Block):
+    """timm's ``Block`` whose plain forward (no mask, not causal) takes a subclass's streamed path when that
+    path says it applies (``_stream`` returns the output), and timm's own forward otherwise."""
+
+    def _stream(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plain = not args and kwargs.get("attn_mask") is None and not kwargs.get("is_causal", False)
-        if plain and can_stream(self, x):
-            return streamed_forward(self, x)
+        if not args and kwargs.get("attn_mask") is None and not kwargs.get("is_causal", False):
+            out = self._stream(x)
+            if out is not None:
+                return out
         return super().forward(x, *args, **kwargs)
+
+
+class LinearBlock(StreamedBlock):
+    """Streams when :func:`can_stream` holds (installed by surgery on blocks that get a linear attention; the
+    class swap keeps every parameter, buffer and state-dict key)."""
+
+    def _stream(self, x: torch.Tensor) -> torch.Tensor | None:
+        return streamed_forward(self, x) if can_stream(self, x) else None
 
 
 def install_streamed_blocks(blocks: list[nn.Module]) -> int:
