@@ -1,4 +1,4 @@
-"""What token cosine a patch-structure agreement needs: the teacher's own features plus isotropic noise.
+"""What token cosine the structure and correspondence targets need: the teacher's features plus isotropic noise.
 
     python benchmarks/structure_calibration.py --size 448 --sigmas 0.1,0.15,0.2,0.25,0.3,0.4
 
@@ -9,6 +9,10 @@ A student's errors are not isotropic noise, but the table says how much a struct
 held-out photos at 448², noise that leaves token cosine 0.995 already drops the agreement to 0.79, and at
 cosine 0.958 it is 0.44 (docs/figures/structure_calibration_448.json). Within one photo many patches are
 near-ties, so k-NN overlap is far stricter than a cosine target of the same value.
+
+The same noise on the teacher's tokens of both correspondence views (``adala evaluate --task correspondence``:
+view B a 0.7x zoom of view A, nearest patch within one patch of the truth) gives the accuracy a student at that
+cosine would keep if its errors were isotropic, as a fraction of the teacher's clean accuracy.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from adala.data import build_dataset
+from adala.data.photos import _image_tensor, pool_sources
+from adala.data.transforms import normalize
+from adala.evaluation.correspondence import match_accuracy, patch_tokens, views
 from adala.evaluation.fidelity import STRUCTURE_K, structure_agreement
 from adala.models import load_teacher
+from adala.models.families import family_of
 
 
 def main() -> None:
@@ -39,23 +47,39 @@ def main() -> None:
     prefix = teacher.num_prefix_tokens
     with torch.no_grad():
         feats = [teacher.forward_features(ds[i].unsqueeze(0))[0, prefix:] for i in range(len(ds))]
+    grid = args.size // family_of(teacher).patch_size(teacher)
+    pairs = []  # (A tokens, B tokens, geometry) of each held-out source, as the correspondence task builds them
+    with torch.no_grad():
+        for _, path in pool_sources("heldout", True)[: args.length]:
+            a, b, geom = views(_image_tensor(path), args.size)
+            x = normalize(torch.stack([a, b]).round().clamp(0, 255), cfg["mean"], cfg["std"])
+            fa, fb = patch_tokens(teacher, x)
+            pairs.append((fa, fb, geom))
+    clean = sum(match_accuracy(fa, fb, grid, geom)[0] for fa, fb, geom in pairs)
     g = torch.Generator().manual_seed(0)
+
+    def noisy(f: torch.Tensor, sigma: float) -> torch.Tensor:
+        return f + sigma * torch.randn(f.shape, generator=g) * f.norm(dim=-1, keepdim=True) / f.shape[1] ** 0.5
+
     rows = []
     for sigma in (float(s) for s in args.sigmas.split(",")):
         cos, struct = [], []
         for f in feats:
-            noise = torch.randn(f.shape, generator=g) * f.norm(dim=-1, keepdim=True) / f.shape[1] ** 0.5
-            noisy = f + sigma * noise
-            cos.append(F.cosine_similarity(noisy, f, dim=-1).mean().item())
-            struct.append(structure_agreement(noisy, f, STRUCTURE_K))
-        rows.append({"sigma": sigma, "token_cosine": sum(cos) / len(cos), "structure": sum(struct) / len(struct)})
-    print(f"\n| noise σ | token cosine | structure k={STRUCTURE_K} ({args.size}², {len(feats)} held-out photos) |")
-    print("|---|---|---|")
+            n = noisy(f, sigma)
+            cos.append(F.cosine_similarity(n, f, dim=-1).mean().item())
+            struct.append(structure_agreement(n, f, STRUCTURE_K))
+        hits = sum(match_accuracy(noisy(fa, sigma), noisy(fb, sigma), grid, geom)[0] for fa, fb, geom in pairs)
+        rows.append({"sigma": sigma, "token_cosine": sum(cos) / len(cos), "structure": sum(struct) / len(struct),
+                     "correspondence_ratio": hits / max(clean, 1)})
+    print(f"\n| noise σ | token cosine | structure k={STRUCTURE_K} | correspondence, of the teacher's "
+          f"({args.size}², {len(feats)} held-out photos) |")
+    print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['sigma']:.2f} | {r['token_cosine']:.3f} | {r['structure']:.3f} |")
+        print(f"| {r['sigma']:.2f} | {r['token_cosine']:.3f} | {r['structure']:.3f} | "
+              f"{r['correspondence_ratio']:.3f} |")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"size": args.size, "rows": rows}, fh, indent=1)
+            json.dump({"size": args.size, "teacher_correspondence_hits": clean, "rows": rows}, fh, indent=1)
         print(f"wrote {args.out}")
 
 
