@@ -129,6 +129,11 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
     assert main(["run", str(CONFIGS / "demo.yaml"), "--check"]) == 0
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_recipe_validates(name):
+    assert main(["run", str(CONFIGS / name), "--check"]) == 0
+
+
 def test_paper_config_validates():
     r = load_recipe(CONFIGS / "paper-dinov2-l.yaml")
     assert r.teacher == "timm:vit_large_patch14_dinov2.lvd142m"
