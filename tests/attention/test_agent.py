@@ -60,6 +60,12 @@ def test_mix_matches_reference(one_thread, teacher_attn, prefix, grid, options):
     assert _rel(m.mix(q, k, v), ref) < 1e-10
 
 
+@pytest.mark.parametrize("patches,points,want", [(256, 1024, 1), (1024, 1024, 1), (4096, 1024, 2), (9216, 1024, 3),
+                                                  (4095, 1024, 1), (9216, 0, 1)])
+def test_kmeans_stride_keeps_at_least_the_asked_points(patches, points, want):
+    assert kmeans_stride(patches, points) == want
+
+
 def test_prefix_queries_are_exact_softmax(one_thread, teacher_attn):
     m = _perturb(build("agent", teacher_attn, agents=2, kmeans=2)).double()
     m.num_prefix_tokens, m.grid = 5, (4, 4)

@@ -61,7 +61,9 @@ def pool_patch_grid(x: torch.Tensor, prefix: int, h: int, w: int, agents: int) -
 def kmeans_stride(patches: int, points: int) -> int:
     """Stride of the square subgrid the Lloyd iterations run on: about ``points`` patches (at least that many),
     all of them when ``points`` is 0. k-means then costs the same at every resolution (64 centres are well
-    estimated from ~1 000 points; measured: 0.252 vs 0.249 swap error at 896² from a 2× strided subgrid)."""
+    estimated from ~1 000 points; measured: 0.252 vs 0.249 swap error at 896² from a 2× strided subgrid). Every
+    patch (0) is still O(N) and costs ~5 % of the speed at 896²; a trained student's CLS token, which attends
+    exactly, gained 0.011 held-out cosine at 896² from it (README, reference measurement)."""
     return max(1, math.isqrt(patches // points)) if points else 1
 
 
