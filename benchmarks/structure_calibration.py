@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from adala.data import build_dataset
-from adala.data.photos import _image_tensor, pool_sources
-from adala.data.transforms import normalize
-from adala.evaluation.correspondence import match_accuracy, patch_tokens, views
+from adala.evaluation.correspondence import match_accuracy, patch_tokens, view_pair
 from adala.evaluation.fidelity import STRUCTURE_K, structure_agreement
+from adala.evaluation.run import source_images
 from adala.models import load_teacher
 from adala.models.families import family_of
 
@@ -50,9 +49,8 @@ def main() -> None:
     grid = args.size // family_of(teacher).patch_size(teacher)
     pairs = []  # (A tokens, B tokens, geometry) of each held-out source, as the correspondence task builds them
     with torch.no_grad():
-        for _, path in pool_sources("heldout", True)[: args.length]:
-            a, b, geom = views(_image_tensor(path), args.size)
-            x = normalize(torch.stack([a, b]).round().clamp(0, 255), cfg["mean"], cfg["std"])
+        for img in source_images("heldout", args.length)[1]:
+            x, geom = view_pair(img, args.size, cfg["mean"], cfg["std"])
             fa, fb = patch_tokens(teacher, x)
             pairs.append((fa, fb, geom))
     clean = sum(match_accuracy(fa, fb, grid, geom)[0] for fa, fb, geom in pairs)

@@ -136,12 +136,12 @@ def write_report(run: str | Path, *, bench_file: str = "bench.json", photos: int
         res = sorted({r["resolution"] for r in rows})
         for r in (res[0], res[-1]) if res else ():
             ti = next(i for i, x in enumerate(rows) if x["resolution"] == r and x["model"] == "teacher")
+            t = nums.fmt(bench_file, ["results", ti, "images_per_s"], ".2f")
             for si, row in enumerate(rows):  # the stage-2 student, then any other timed student (the agent arm)
                 if row["resolution"] != r or row["model"] == "teacher":
                     continue
                 ci = next(i for i, c in enumerate(bench["comparisons"])
                           if c["resolution"] == r and c["student"] == row["model"])
-                t = nums.fmt(bench_file, ["results", ti, "images_per_s"], ".2f")
                 s = nums.fmt(bench_file, ["results", si, "images_per_s"], ".2f")
                 sp = nums.fmt(bench_file, ["comparisons", ci, "speedup"], ".2f", suffix="×")
                 who = "" if row["model"] == "student" else f", {row['model']}"

@@ -66,6 +66,13 @@ def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return family_of(vit).dense_features(vit, x).flatten(2).transpose(1, 2)
 
 
+def view_pair(img: torch.Tensor, img_size: int, mean: Sequence[float], std: Sequence[float],
+              offset: tuple[float, float] = OFFSETS[0]) -> tuple[torch.Tensor, tuple[float, float, float]]:
+    """Views A and B of a uint8 (3,H,W) image as one normalised (2,3,size,size) batch, and B's geometry in A."""
+    a, b, geom = views(img, img_size, offset=offset)
+    return normalize(torch.stack([a, b]).round().clamp(0, 255), mean, std), geom
+
+
 @torch.no_grad()
 def correspondence(models: dict[str, nn.Module], images: Sequence[torch.Tensor], img_size: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> dict:
@@ -76,8 +83,7 @@ def correspondence(models: dict[str, nn.Module], images: Sequence[torch.Tensor],
     counts = {name: [0, 0] for name in models}
     for img in images:
         for offset in OFFSETS:
-            a, b, geom = views(img, img_size, offset=offset)
-            x = normalize(torch.stack([a, b]).round().clamp(0, 255), mean, std)
+            x, geom = view_pair(img, img_size, mean, std, offset)
             for name, m in models.items():
                 fa, fb = patch_tokens(m, x.to(device)).cpu()
                 ok, n = match_accuracy(fa, fb, grid, geom)

@@ -50,22 +50,26 @@ def _task_head(model: nn.Module, task: str) -> dict:
 def _correspondence(model: nn.Module, teacher: nn.Module, data: str, img_size: int, length: int | None,
                     device: torch.device) -> dict[str, Any]:
     """Correspondence accuracy of teacher and model on the source images of a photo collection spec."""
+    names, images = source_images(data, length)
+    cfg = get_config(model)
+    model.eval().to(device)
+    teacher.to(device)
+    acc = correspondence({"teacher": teacher, "model": model}, images, img_size, cfg["mean"], cfg["std"], device)
+    return {"task": "correspondence", "data": data, "img_size": img_size, "teacher_accuracy": acc["teacher"],
+            "accuracy": acc["model"], "ratio_to_teacher": acc["model"] / max(acc["teacher"], 1e-12),
+            "num_pairs": acc["num_pairs"], "images": names}
+
+
+def source_images(data: str, length: int | None = None) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and whole uint8 (3,H,W) images of a photo collection spec's sources (not crops): the correspondence
+    task builds its own two views of each."""
     spec = parse_spec(data)
     kind = spec.kind
     if kind not in ("photos", "wallpapers", "heldout"):
         raise ConfigError(f"correspondence needs a photo collection (photos:heldout, wallpapers:heldout, heldout), "
                           f"got {data!r}")
-    sources = pool_sources(kind, heldout_spec(spec))
-    if length is not None:
-        sources = sources[:length]
-    cfg = get_config(model)
-    model.eval().to(device)
-    teacher.to(device)
-    acc = correspondence({"teacher": teacher, "model": model}, [_image_tensor(p) for _, p in sources], img_size,
-                         cfg["mean"], cfg["std"], device)
-    return {"task": "correspondence", "data": data, "img_size": img_size, "teacher_accuracy": acc["teacher"],
-            "accuracy": acc["model"], "ratio_to_teacher": acc["model"] / max(acc["teacher"], 1e-12),
-            "num_pairs": acc["num_pairs"], "images": [n for n, _ in sources]}
+    sources = pool_sources(kind, heldout_spec(spec))[:length]
+    return [n for n, _ in sources], [_image_tensor(p) for _, p in sources]
 
 
 def _output_path(out: str | os.PathLike) -> Path:
