@@ -184,3 +184,41 @@ def test_evaluate_several_sizes_and_correspondence(tmp_path):
     assert c["num_pairs"] == 2 and 0 <= c["accuracy"] <= 1 and c["images"] == ["chelsea", "coffee"]
     with pytest.raises(ConfigError, match="photo collection"):
         evaluate(s, task="correspondence", data="fashion-mnist:test", img_size=56, teacher=t)
+
+
+def test_evaluate_with_attention_options_changed_on_loading(tmp_path, capsys):
+    """A trained student scored with other weight-free options (more agents): the model is rebuilt with them,
+    its output changes, the result records them; options that change the weights fail in one line."""
+    from adala.cli import main
+
+    t = _tiny(init_values=0.3)  # layer scale large enough for attention to show in the output
+    with torch.no_grad():
+        for block in t.blocks:  # random q/k attend almost uniformly, where any agent count is exact
+            block.attn.qkv.weight.mul_(4)
+    s = adala.linearize(t, "agent", agents=2, dwc=3)
+    adala.save_model(s, tmp_path / "s")
+    x = torch.randn(1, 3, 56, 56)
+    loaded = adala.load_model(tmp_path / "s", options={"agents": 3, "kmeans_points": 0})
+    attn = loaded.blocks[0].attn
+    assert (attn.agents, attn.kmeans_points, attn.dwc.kernel_size) == (3, 0, (3, 3))
+    assert loaded.adala_config["attention"]["options"] == {"agents": 3, "dwc": 3, "kmeans_points": 0}
+    with torch.no_grad():
+        base, more = adala.load_model(tmp_path / "s").forward_features(x), loaded.forward_features(x)
+        want = adala.linearize(t, "agent", agents=3, dwc=3, kmeans_points=0).forward_features(x)
+    torch.testing.assert_close(more, want)  # the same model as linearized with those options
+    assert (base - more).abs().max() > 1e-3  # 9 agents in place of 4 is another computation
+    res = evaluate(tmp_path / "s", task="features", data="photos:heldout", img_size=[56], teacher=t, length=1,
+                   options={"agents": 3})
+    assert res["options"] == {"agents": 3} and res["by_size"]["56"]["fidelity"]["num_images"] == 1
+    with pytest.raises(ConfigError, match=r"change the weights.*dwc"):
+        adala.load_model(tmp_path / "s", options={"dwc": 5})
+    with pytest.raises(ConfigError, match="not to a module"):
+        evaluate(s, task="features", data="photos:heldout", teacher=t, options={"agents": 3})
+    adala.save_model(t, tmp_path / "t")
+    with pytest.raises(ConfigError, match="no linear attention"):
+        adala.load_model(tmp_path / "t", options={"agents": 3})
+    assert main(["evaluate", "--model", str(tmp_path / "s"), "--task", "features", "--data", "photos:heldout",
+                 "--img-size", "56", "--teacher", "timm:vit_small_patch14_dinov2", "--length", "1",
+                 "--option", "dwc=5"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "change the weights" in err[0], err

@@ -11,6 +11,7 @@ from ..stages.align_attention import TRAINABLE
 from ..stages.align_features import LOSSES
 from ..stages.finetune import TASKS as FINETUNE_TASKS
 from ..train.loop import AMP_MODES, DEVICES
+from .core import parse_options
 
 
 def _train_kwargs(args: argparse.Namespace) -> dict:
@@ -167,7 +168,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate
 
     result = evaluate(args.model, task=args.task, data=args.data, img_size=args.img_size, teacher=args.teacher,
-                      batch_size=args.batch_size, length=args.length, out=args.out, device=args.device or "auto")
+                      batch_size=args.batch_size, length=args.length, out=args.out, device=args.device or "auto",
+                      options=parse_options(args.option))
     _table(result)
     if args.out:
         print(f"wrote {args.out}")
@@ -273,6 +275,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="where to run (default auto: CUDA when available)")
     p.add_argument("--out", default=None, help="write the scores to this JSON file (default: print only)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="change an attention option that carries no weights when loading --model, e.g. agents=9 "
+                        "(repeatable; default: as saved)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("run", help="run the stages of a YAML recipe (a file, or a packaged name: 'adala recipes')")

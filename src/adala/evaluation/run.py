@@ -90,27 +90,32 @@ def evaluate(
     out: str | os.PathLike | None = None,
     device: str = "auto",
     num_workers: int = 0,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Scores of ``model`` on ``data`` for ``task`` (``features``: unlabeled data, fidelity only;
     ``correspondence``: patch matching between two views of each image of a photo collection, teacher vs model).
 
     ``img_size``: one size, or a list (result: ``{"by_size": {"224": {...}, ...}}``).
     ``out``: a ``.json`` file, or a directory that receives ``eval.json``.
+    ``options``: attention options changed when loading a model directory (``load_model``), e.g. ``{"agents": 9}``
+    to score a trained ``agent`` student with more agents; the result records them.
     """
     if isinstance(img_size, (list, tuple)):  # load model and teacher once, then score each size
         if not img_size:
             raise ConfigError("img_size: empty list of sizes")
-        model, teacher = as_model(model), None if teacher is None else as_teacher(teacher)
+        model, teacher = as_model(model, options=options), None if teacher is None else as_teacher(teacher)
         by_size = {str(s): evaluate(model, task=task, data=data, img_size=s, teacher=teacher, batch_size=batch_size,
                                     length=length, device=device, num_workers=num_workers) for s in img_size}
         result = {"task": task, "data": data, "img_size": list(img_size), "by_size": by_size}
+        if options:
+            result["options"] = dict(options)
         if out is not None and is_main():
             write_json(_output_path(out), result)
         return result
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     check_positive(batch_size, "batch_size")
-    model = as_model(model)
+    model = as_model(model, options=options)
     check_img_size(model, img_size)
     check_fits(model, img_size, batch_size, device, train=False, amp="fp32")
     head = None if task in ("features", "correspondence") else _task_head(model, task)
@@ -122,6 +127,8 @@ def evaluate(
         raise ConfigError(f"task {task!r} compares with the teacher and needs one (--teacher)")
     if task == "correspondence":
         result = _correspondence(model, t_model, data, img_size, length, pick_device(device))
+        if options:
+            result["options"] = dict(options)
         if out is not None and is_main():
             write_json(_output_path(out), result)
         return result
@@ -142,6 +149,8 @@ def evaluate(
         if meter is not None:
             meter.update(model, t_model, x)
     result: dict[str, Any] = {"task": task, "data": data, "img_size": img_size}
+    if options:
+        result["options"] = dict(options)
     if cm is not None:
         cm.all_reduce()
         names = head.get("class_names")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write_text
 from .config import FORMAT, build_backbone, get_config, set_config, validate_config
 from .heads import TASK_BUILDERS
@@ -94,14 +94,36 @@ def load_state_exact(model: nn.Module, sd: dict[str, torch.Tensor], source: str 
     model.load_state_dict(sd, strict=True)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild exactly the saved model (eval mode) from a directory, with no network and no pickle."""
+def with_options(cfg: dict[str, Any], options: dict[str, Any], source: str | os.PathLike) -> dict[str, Any]:
+    """``cfg`` with its attention options updated by ``options``. Why: the options that carry no weights (for
+    ``agent``: ``agents``, ``kmeans``, ``kmeans_points``) shape the computation only, so a trained student can be
+    scored with other values (more agents, k-means on more patches) without training it again."""
+    att = cfg.get("attention")
+    if not att:
+        raise ConfigError(f"{source} has no linear attention: attention options do not apply to it")
+    return {**cfg, "attention": {**att, "options": {**att.get("options", {}), **options}}}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               options: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild exactly the saved model (eval mode) from a directory, with no network and no pickle.
+
+    ``options``: attention options to change on the way in (see :func:`with_options`); an option that changes
+    the weights (a ``dwc`` kernel, ``temperature``) is refused in one line. The model's config records them."""
     p = Path(path)
     cfg = read_config(p)
     sd = load_tensors(p / WEIGHTS)
     if cfg.get("sha256") and (p / (WEIGHTS + ".sha256")).is_file() is False:
         if sha256_file(p / WEIGHTS) != cfg["sha256"]:
             raise CheckpointError(f"{p / WEIGHTS} is corrupt (checksum mismatch)")
+    if options:
+        cfg = with_options(cfg, options, p)
     model = build_model(cfg)
-    load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
+    try:
+        load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
+    except CheckpointError as e:
+        if not options:
+            raise
+        raise ConfigError(f"attention options {sorted(options)} change the weights of {p}, so they cannot be set "
+                          f"when loading it ({str(e).split(': ', 1)[-1]})") from None
     return model.to(device).eval()

@@ -35,13 +35,17 @@ def as_teacher(teacher: nn.Module | str | os.PathLike) -> nn.Module:
     return model
 
 
-def as_model(model: nn.Module | str | os.PathLike, what: str = "model") -> nn.Module:
-    """A module as given, or one loaded from a directory saved by adala."""
+def as_model(model: nn.Module | str | os.PathLike, what: str = "model", options: dict | None = None) -> nn.Module:
+    """A module as given, or one loaded from a directory saved by adala (with ``options``: attention options
+    changed on loading, see ``load_model``)."""
     if isinstance(model, nn.Module):
+        if options:
+            raise ConfigError(f"attention options apply when loading a {what} from its directory, not to a module "
+                              "(set them with linearize)")
         get_config(model)
         return model
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model)
+        return load_model(model, options=options)
     raise ConfigError(f"{what} must be a module or a model directory, got {type(model).__name__}")
 
 
