@@ -80,16 +80,21 @@ def _centres(attn: AgentAttention, q: torch.Tensor, grid: tuple[int, int, int]) 
         return centres
     m = centres.shape[1]
     stride = kmeans_stride(gh * gw, attn.kmeans_points)
-    points = _heads(subgrid(q, prefix, gh, gw, stride), h).contiguous()  # (H, Nk, D): at most ~kmeans_points
+    points = _heads(subgrid(q, prefix, gh, gw, stride), h)  # (H, Nk, D): at most ~kmeans_points
+    # The points with a constant 1 column (one copy, as a contiguous copy would be): the scores' −|c|²/2 bias then
+    # rides in the GEMM (baddbmm first copies an (H, Nk, m) bias into its output: a third of each iteration at
+    # 1344²), and index_add's last column counts the members (no bincount).
+    aug = q.new_empty(h, points.shape[1], d + 1)
+    aug[..., :d] = points
+    aug[..., d] = 1
+    flat = aug.view(-1, d + 1)
     offsets = (torch.arange(h, device=q.device) * m).view(h, 1)
-    flat_points = points.view(-1, d)
     for _ in range(attn.kmeans):
-        scores = torch.baddbmm(centres.pow(2).sum(-1).mul(-0.5).unsqueeze(1), points, centres.transpose(1, 2))
-        nearest = (scores.argmax(-1) + offsets).view(-1)  # (H·Nk,) cluster ids, head-major
-        del scores
-        sums = centres.new_zeros(h * m, d).index_add_(0, nearest, flat_points)
-        count = torch.bincount(nearest, minlength=h * m).to(sums.dtype).unsqueeze(-1)
-        centres = torch.where(count > 0, sums / count.clamp_min(1), centres.view(h * m, d)).view(h, m, d)
+        lifted = torch.cat([centres, centres.pow(2).sum(-1, keepdim=True).mul_(-0.5)], dim=-1)  # (H, m, D+1)
+        nearest = (torch.bmm(aug, lifted.transpose(1, 2)).argmax(-1) + offsets).view(-1)  # (H·Nk,), head-major
+        sums = centres.new_zeros(h * m, d + 1).index_add_(0, nearest, flat)
+        count = sums[:, d:]
+        centres = torch.where(count > 0, sums[:, :d] / count.clamp_min(1), centres.view(h * m, d)).view(h, m, d)
     return centres
 
 
