@@ -186,3 +186,21 @@ stages:
     cfg.write_text("teacher: dinov2-s14\ny-probe: 1\nstages: {student: {kind: linearize}}\n")
     with pytest.raises(ConfigError, match="y-probe: unknown recipe key"):
         load_recipe(cfg)
+
+
+def test_evaluate_stage_scores_the_student_with_other_attention_options(tmp_path, tiny_dir):
+    """An evaluate stage's ``options`` rebuild the saved student with other weight-free attention options (as
+    ``adala evaluate --option``); one that changes the weights stops the recipe with a one-line error."""
+    raw = {"teacher": tiny_dir, "img_size": 56, "seed": 0, "threads": 1, "defaults": {"progress": False},
+           "stages": {"student": {"kind": "linearize", "attention": "agent", "options": {"agents": 2}},
+                      "plain": {"kind": "evaluate", "from": "student", "task": "features", "data": "photos:heldout",
+                                "length": 2, "teacher": True},
+                      "more": {"kind": "evaluate", "from": "student", "task": "features", "data": "photos:heldout",
+                               "length": 2, "teacher": True, "options": {"agents": 3}}}}
+    run_recipe(parse_recipe(raw), tmp_path / "run")
+    more = json.loads((tmp_path / "run" / "more" / "metrics.json").read_text())
+    plain = json.loads((tmp_path / "run" / "plain" / "metrics.json").read_text())
+    assert more["options"] == {"agents": 3} and "options" not in plain
+    raw["stages"]["more"]["options"] = {"dwc": 3}
+    with pytest.raises(ConfigError, match=r"stage more \(evaluate\).*change the weights"):
+        run_recipe(parse_recipe(raw), tmp_path / "run")

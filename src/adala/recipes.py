@@ -170,7 +170,7 @@ KIND_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "evaluate": {"task": _choice(*EVAL_TASKS),
                  "data": _str,
                  "teacher": _teacher_flag, "batch_size": _int(1), "length": _int(1),
-                 "device": _choice(*DEVICES), "num_workers": _int(0)},
+                 "device": _choice(*DEVICES), "num_workers": _int(0), "options": _mapping},
 }
 REQUIRED = {"finetune": ("from", "data"), "align-features": ("from",), "evaluate": ("from", "task", "data")}
 DEFAULT_KEYS = {**TRAIN_KEYS, "batch_size": _int(1)}
