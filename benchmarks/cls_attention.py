@@ -9,8 +9,8 @@ features --length 10`` scores them): the final CLS cosine; the CLS cosine after 
 block, each head's CLS attention entropy (nats) and the share of its mass on the top 1 % of tokens, for the
 teacher on its own block input and for the student on its own (with its own q/k weights), plus the total
 variation distance between the two rows. A mean CLS cosine over 10 photos can be carried by one or two of
-them: at 1344² the reference student's 0.943 is eight photos at 0.93-0.99 and two at 0.85, both with a small
-salient object that the teacher's last-block CLS row singles out among ~9 000 patches.
+them: at 1344² the reference student's 0.943 is eight photos at 0.93-0.99 and two at 0.85, where the student's
+last-block CLS row piles onto a few patches of a small object (grace_hopper) or spreads (EveningGlow).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import json
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
+from adala.cli.core import parse_options
 from adala.data import build_dataset
-from adala.evaluation.run import source_images
+from adala.data.photos import pool_sources
 from adala.models import load_model, load_teacher
 from adala.models.families import family_of
 
@@ -65,16 +65,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1344, help="image size (default 1344)")
     ap.add_argument("--length", type=int, default=10, help="held-out photos (default 10)")
     ap.add_argument("--teacher", default="dinov2-s14", help="teacher spec (default dinov2-s14)")
-    ap.add_argument("--option", action="append", metavar="KEY=VALUE", default=[],
+    ap.add_argument("--option", action="append", metavar="KEY=VALUE",
                     help="attention option changed on loading, e.g. agents=9 (as adala evaluate --option)")
     ap.add_argument("--out", default=None, help="JSON output path (default: none)")
     args = ap.parse_args()
-    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = parse_options(args.option)
     teacher, student = load_teacher(args.teacher).eval(), load_model(args.model, options=options).eval()
     cfg = teacher.adala_config
     ds = build_dataset("heldout", task="unlabeled", img_size=args.size, mean=cfg["mean"], std=cfg["std"],
                        train=False, length=args.length)
-    names = source_images("heldout", args.length)[0]
+    names = [name for name, _ in pool_sources("heldout", True)[: args.length]]  # the dataset's order, not decoded
     last_t, last_s = family_of(teacher).blocks(teacher)[-1], family_of(student).blocks(student)[-1]
     rows = []
     print(f"| photo ({args.size}²) | final CLS cosine | CLS cosine after blocks 1-12 | last-block CLS entropy, "

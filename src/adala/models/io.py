@@ -70,27 +70,35 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return validate_config(cfg, str(p / CONFIG))
 
 
-def load_state_exact(model: nn.Module, sd: dict[str, torch.Tensor], source: str | os.PathLike,
-                     arch: str | None = None) -> None:
-    """``load_state_dict(strict=True)``, but weights of another architecture are summarised in one line
-    (counts of missing/unexpected/mis-shaped tensors and the first names) instead of torch's multi-line
-    RuntimeError, which for a whole ViT runs to hundreds of lines."""
+def state_mismatch(model: nn.Module, sd: dict[str, torch.Tensor]) -> str | None:
+    """One line summarising how ``sd`` does not fit ``model`` (counts of missing/unexpected/mis-shaped tensors
+    and the first names), or None when it fits exactly."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
-            if names:
-                first = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-                parts.append(f"{len(names)} {label} ({first})")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"e.g. {k} is {list(sd[k].shape)} in the file, {list(own[k].shape)} in the model")
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+        if names:
+            first = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"{len(names)} {label} ({first})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"e.g. {k} is {list(sd[k].shape)} in the file, {list(own[k].shape)} in the model")
+    return "; ".join(parts)
+
+
+def load_state_exact(model: nn.Module, sd: dict[str, torch.Tensor], source: str | os.PathLike,
+                     arch: str | None = None) -> None:
+    """``load_state_dict(strict=True)``, but weights of another architecture are summarised in one line
+    (:func:`state_mismatch`) instead of torch's multi-line RuntimeError, which for a whole ViT runs to hundreds
+    of lines."""
+    mismatch = state_mismatch(model, sd)
+    if mismatch:
         target = f"{arch!r}" if arch else f"a {type(model).__name__}"
-        raise CheckpointError(f"{source} holds weights of another architecture, not {target}: "
-                              + "; ".join(parts))
+        raise CheckpointError(f"{source} holds weights of another architecture, not {target}: {mismatch}")
     model.load_state_dict(sd, strict=True)
 
 
@@ -119,11 +127,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if options:
         cfg = with_options(cfg, options, p)
     model = build_model(cfg)
-    try:
-        load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
-    except CheckpointError as e:
-        if not options:
-            raise
+    mismatch = state_mismatch(model, sd) if options else None
+    if mismatch:  # the saved weights fit the saved options, so the new ones are to blame
         raise ConfigError(f"attention options {sorted(options)} change the weights of {p}, so they cannot be set "
-                          f"when loading it ({str(e).split(': ', 1)[-1]})") from None
+                          f"when loading it ({mismatch})")
+    load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
     return model.to(device).eval()
