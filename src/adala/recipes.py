@@ -141,7 +141,7 @@ TRAIN_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "min_lr_ratio": _num(0.0, strict=False, maximum=1.0), "grad_clip": _grad_clip, "accum_steps": _int(1),
     "amp": _choice(*AMP_MODES), "num_workers": _int(0), "log_every": _int(1),
     "ckpt_every": _int(0), "keep": _int(1), "device": _choice(*DEVICES), "progress": _bool,
-    "ema": _num(0.0, strict=False, maximum=0.9999),
+    "ema": _num(0.0, strict=False, maximum=0.9999), "added_lr_scale": _num(),
 }
 def _sizes(key: str, v: Any) -> Any:
     """One image size, or (align-features, evaluate) a non-empty list of sizes."""

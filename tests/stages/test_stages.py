@@ -67,6 +67,25 @@ def test_stage1_wider_training(tmp_path, train, extra):
     assert not any("mlp" in k or "norm2" in k or "patch_embed" in k for k in changed)
 
 
+def test_added_lr_scale_speeds_only_the_parameters_the_kind_added(tmp_path):
+    """One AdamW step (of two: the cosine ends at 0) moves each weight by about lr·sign(grad): with
+    ``added_lr_scale`` the agent kind's dwc conv and temperatures (zero at init) move that many times further, the
+    pretrained q/k/v exactly as without it."""
+    teacher = _tiny(depth=1)
+    runs = {}
+    for scale in (1.0, 10.0):
+        student = adala.linearize(teacher, "agent", agents=2, dwc=3)
+        res = align_attention(teacher, student, data="photos", img_size=56, steps=2, batch_size=2, lr=1e-4,
+                              added_lr_scale=scale, out=tmp_path / str(scale), **FAST)
+        runs[scale] = res.model.state_dict()
+    init = adala.linearize(teacher, "agent", agents=2, dwc=3).state_dict()
+    moved = {s: {k: (sd[k] - init[k]).abs().max().item() for k in sd} for s, sd in runs.items()}
+    for key in ("blocks.0.attn.dwc.weight", "blocks.0.attn.log_tau"):
+        assert moved[1.0][key] > 0 and moved[10.0][key] / moved[1.0][key] == pytest.approx(10, rel=0.02)
+    assert torch.equal(runs[1.0]["blocks.0.attn.qkv.weight"], runs[10.0]["blocks.0.attn.qkv.weight"])
+    assert moved[1.0]["blocks.0.attn.qkv.weight"] > 0
+
+
 def test_stage1_metrics_are_the_per_block_errors():
     """The relative error comes from the loss (no second difference tensor): it must equal ‖out − t‖ / ‖t‖."""
     from adala.stages.align_attention import AttentionAlignment

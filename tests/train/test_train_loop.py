@@ -82,7 +82,8 @@ def test_adamw_groups_skip_decay_for_biases_norms_and_frozen_params():
 
 
 @pytest.mark.parametrize("bad", [dict(amp="fp8"), dict(steps=0), dict(device="tpu"), dict(grad_clip=-1.0),
-                                 dict(min_lr_ratio=2.0), dict(accum_steps=0), dict(keep=0), dict(ema=1.0)])
+                                 dict(min_lr_ratio=2.0), dict(accum_steps=0), dict(keep=0), dict(ema=1.0),
+                                 dict(added_lr_scale=0.0)])
 def test_invalid_config_is_a_config_error(tmp_path, bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         train(build(), SyntheticData(), config(**bad), tmp_path, stage="t")

@@ -30,6 +30,10 @@ def is_linear(attn: nn.Module) -> bool:
     return getattr(attn, "kind", "softmax") != "softmax"
 
 
+# the submodules a kind takes over from the teacher's attention: their tensors are pretrained
+TEACHER_PARTS = ("qkv", "q_norm", "k_norm", "norm", "gate", "proj")
+
+
 class KernelAttention(nn.Module):
     """Shared projection plumbing; ``mix`` is the only thing a kind has to write."""
 
@@ -64,6 +68,15 @@ class KernelAttention(nn.Module):
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def added_parameters(self) -> list[nn.Parameter]:
+        """The kind's own parameters (a ``dwc`` conv, temperatures, an output gate, feature maps): everything but
+        the teacher's submodules. They start at or near identity (often exactly zero), so under AdamW, which moves
+        a weight by at most about lr per step, a short alignment leaves them where they started unless they get a
+        larger learning rate (``TrainConfig.added_lr_scale``)."""
+        taken = {id(p) for part in TEACHER_PARTS if (m := getattr(self, part, None)) is not None
+                 for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in taken]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         if attn_mask is not None:

@@ -18,7 +18,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict:
     """The TrainConfig options given on the command line (unset ones keep the engine's defaults)."""
     out = {"seed": args.seed, "resume": args.resume, "progress": not args.quiet}
     for name in ("warmup_steps", "weight_decay", "accum_steps", "amp", "device", "ckpt_every", "num_workers",
-                 "log_every", "grad_clip", "keep", "ema"):
+                 "log_every", "grad_clip", "keep", "ema", "added_lr_scale"):
         value = getattr(args, name, None)
         if value is not None:
             out[name] = value
@@ -46,6 +46,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema", type=float, default=None,
                    help="average the trained weights with this EMA decay, e.g. 0.99; the result and every "
                         "checkpoint's student are the average (default 0: off)")
+    g.add_argument("--added-lr-scale", dest="added_lr_scale", type=float, default=None,
+                   help="multiply the learning rate of the parameters the linearization added (dwc conv, "
+                        "temperatures, output gate), which start at identity (default 1)")
     g.add_argument("--num-workers", dest="num_workers", type=int, default=None,
                    help="data-loader worker processes (default 0: load in the main process)")
     g.add_argument("--log-every", dest="log_every", type=int, default=None,

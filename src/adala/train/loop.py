@@ -67,12 +67,15 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     progress: bool = True           # tqdm bar on rank 0
     ema: float = 0.0                # EMA decay of the trained weights (0 = off); the result is the average
+    added_lr_scale: float = 1.0     # lr multiplier of the parameters the linearization added (dwc, temperatures)
 
     def validate(self) -> None:
         positive = ("steps", "batch_size", "accum_steps", "log_every", "keep")
         bad = [f"{f}={getattr(self, f)}" for f in positive if int(getattr(self, f)) < 1]
         bad += [f"{f}={getattr(self, f)}" for f in ("warmup_steps", "ckpt_every", "num_workers", "lr",
                                                     "weight_decay") if getattr(self, f) < 0]
+        if not self.added_lr_scale > 0:
+            bad.append(f"added_lr_scale={self.added_lr_scale} (a positive multiplier of lr)")
         if not 0.0 <= self.ema < 1.0:
             bad.append(f"ema={self.ema} (a decay in [0, 1); 0 = off)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -179,7 +182,7 @@ def train(objective: nn.Module, dataset, cfg: TrainConfig, out_dir: str | Path, 
         raise ConfigError(f"{stage}: nothing to train (no parameter of the objective requires grad)")
     amp_dtype = AMP_MODES[cfg.amp] or (torch.bfloat16 if cfg.amp == "auto" and device.type == "cuda" else None)
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    optimizer = build_optimizer(objective, named, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(objective, named, cfg.lr, cfg.weight_decay, cfg.added_lr_scale)
     run = RunState(
         objective, student, optimizer, build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio),
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),

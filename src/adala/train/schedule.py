@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..attention.base import KernelAttention
+
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Multiplier of the base lr for the update made at 0-based ``step``.
@@ -34,11 +36,21 @@ def trainable_parameters(objective: nn.Module) -> list[tuple[str, nn.Parameter]]
     return [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
 
 
+def added_parameter_ids(module: nn.Module) -> set[int]:
+    """ids of the parameters the attention kinds inside ``module`` added (``KernelAttention.added_parameters``)."""
+    return {id(p) for m in module.modules() if isinstance(m, KernelAttention) for p in m.added_parameters()}
+
+
 def build_optimizer(
-    objective: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+    objective: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+    added_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, 1-D params (norms, scales) and what the student's
-    ``no_weight_decay()`` names (timm: pos_embed, cls_token), since decaying those hurts ViTs."""
+    ``no_weight_decay()`` names (timm: pos_embed, cls_token), since decaying those hurts ViTs.
+
+    ``added_lr_scale`` multiplies the learning rate of the parameters the linearization added (their groups keep
+    it through the schedule): they start at identity, and at the pretrained weights' lr a 300-step stage 1 left a
+    zero-initialised ``dwc`` conv at |w| ≤ 0.04, where twice those weights fit the teacher better (README)."""
     skip: set[int] = set()
     student = getattr(objective, "student", None)
     if student is not None and hasattr(student, "no_weight_decay"):
@@ -46,5 +58,8 @@ def build_optimizer(
         skip = {id(p) for n, p in student.named_parameters() if n in names}
     decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias") and id(p) not in skip]
     no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias") and id(p) not in skip)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    added = added_parameter_ids(objective) if added_lr_scale != 1.0 else set()
+    groups = [{"params": [p for p in params if (id(p) in added) == new], "weight_decay": wd,
+               "lr": lr * added_lr_scale if new else lr}
+              for new in (False, True) for params, wd in ((decay, weight_decay), (no_decay, 0.0))]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
