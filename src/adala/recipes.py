@@ -509,6 +509,14 @@ def _run(recipe: Recipe, out: Path, fresh: bool, say: Callable[[str], None], for
     return summary
 
 
+def _match(res: dict) -> str:
+    """A correspondence result in one phrase: accuracy, its share of the teacher's and both smoothnesses."""
+    out = f"match={res['accuracy']:.3f} ({res['ratio_to_teacher']:.1%} of teacher"
+    if "adjacent_cosine" in res:
+        out += f"; adjacent cos {res['adjacent_cosine']:.3f} vs {res['teacher_adjacent_cosine']:.3f}"
+    return out + ")"
+
+
 def headline(metrics: dict) -> str:
     """A few key numbers of a stage's metrics for one line of output."""
     keys = ("loss", "cosine", "top1", "miou", "mean_class_accuracy")
@@ -522,7 +530,7 @@ def headline(metrics: dict) -> str:
             parts.append(f"{size}²: cos={f['final_cosine']:.3f} cls={f['cls_cosine']:.3f} "
                          f"struct={f['structure_k10']:.3f}")
         elif "accuracy" in res:
-            parts.append(f"{size}²: match={res['accuracy']:.3f} ({res['ratio_to_teacher']:.1%} of teacher)")
+            parts.append(f"{size}²: {_match(res)}")
     if metrics.get("task") == "correspondence" and "accuracy" in metrics:
-        parts.append(f"match={metrics['accuracy']:.3f} ({metrics['ratio_to_teacher']:.1%} of teacher)")
+        parts.append(_match(metrics))
     return " ".join(parts)

@@ -156,6 +156,8 @@ def test_teacher_scores_one_and_permuted_student_scores_low(embedded_teacher):
                          (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert acc["again"] == acc["teacher"] > 0.2
     assert acc["permuted"] < 0.5 * acc["teacher"]
+    smooth = acc["adjacent_cosine"]  # a shuffled grid loses the teacher's neighbour similarity
+    assert smooth["again"] == smooth["teacher"] and smooth["permuted"] < smooth["teacher"] - 0.05
 
 
 def test_match_accuracy_by_hand():
@@ -170,6 +172,17 @@ def test_match_accuracy_by_hand():
     assert (ok, n) == (4, 16)  # B patches (0,0), (0,1), (1,0), (1,1)
 
 
+def test_adjacent_cosine_by_hand():
+    from adala.evaluation.correspondence import adjacent_cosine
+
+    v = torch.tensor([1.0, 2.0, 0.5])
+    assert adjacent_cosine(v.repeat(9, 1), 3) == pytest.approx(1.0)  # a constant map
+    sign = torch.tensor([(-1.0) ** (i + j) for i in range(3) for j in range(3)]).unsqueeze(1)
+    assert adjacent_cosine(sign * v, 3) == pytest.approx(-1.0)  # a checkerboard: every neighbour flips
+    stripes = torch.tensor([[1.0, 0.0] if j % 2 else [0.0, 1.0] for i in range(3) for j in range(3)])
+    assert adjacent_cosine(stripes, 3) == pytest.approx(0.5)  # 6 orthogonal right pairs, 6 equal lower pairs
+
+
 def test_evaluate_several_sizes_and_correspondence(tmp_path):
     t = _tiny()
     s = adala.linearize(t, "linear-elu")
@@ -182,6 +195,7 @@ def test_evaluate_several_sizes_and_correspondence(tmp_path):
     assert json.loads((tmp_path / "f.json").read_text())["img_size"] == [28, 56]
     c = evaluate(s, task="correspondence", data="photos:heldout", img_size=56, teacher=t, length=2)
     assert c["num_pairs"] == 2 and 0 <= c["accuracy"] <= 1 and c["images"] == ["chelsea", "coffee"]
+    assert -1 <= c["adjacent_cosine"] <= 1 and -1 <= c["teacher_adjacent_cosine"] <= 1
     with pytest.raises(ConfigError, match="photo collection"):
         evaluate(s, task="correspondence", data="fashion-mnist:test", img_size=56, teacher=t)
 

@@ -145,8 +145,8 @@ def _table(result: dict) -> None:
             _table(res)
         return
     if result.get("task") == "correspondence":
-        for k in ("teacher_accuracy", "accuracy", "ratio_to_teacher"):
-            print(f"{k:<18}  {result[k]:.4f}")
+        for k in ("teacher_accuracy", "accuracy", "ratio_to_teacher", "teacher_adjacent_cosine", "adjacent_cosine"):
+            print(f"{k:<23}  {result[k]:.4f}")
         return
     rows = [(k, result[k]) for k in ("top1", "mean_class_accuracy", "miou", "pixel_accuracy") if k in result]
     per = result.get("per_class_accuracy") or result.get("per_class_iou") or {}

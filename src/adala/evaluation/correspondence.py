@@ -6,6 +6,10 @@ patch of B whose centre lies inside A, the nearest patch of A (cosine of the fin
 correct match when its centre lies within one patch of the true location. The teacher's accuracy is the
 ceiling a student is compared with: a student that keeps mean token cosine but scrambles which patches
 resemble each other loses here.
+
+A one-patch tolerance also rewards *blur*: features smoother than the teacher's send more matches to a
+neighbour of the true patch. So each model's adjacent-patch cosine (view A, right and lower neighbours) is
+reported beside its accuracy; a student above the teacher's ratio and its smoothness is matching by blur.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def match_accuracy(feat_a: torch.Tensor, feat_b: torch.Tensor, grid: int, geom: 
     return int(ok.sum()), int(ok.numel())
 
 
+def adjacent_cosine(feat: torch.Tensor, grid: int) -> float:
+    """Mean cosine of each patch with its right and lower neighbours, for (grid², C) features: 1 for a constant
+    map, about 0 for unrelated patches; how smooth the features are on the patch grid."""
+    f = F.normalize(feat.float(), dim=-1).view(grid, grid, -1)
+    right, down = (f[:, 1:] * f[:, :-1]).sum(-1), (f[1:] * f[:-1]).sum(-1)
+    return float(torch.cat([right.flatten(), down.flatten()]).mean())
+
+
 @torch.no_grad()
 def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, h·w, C) features on the patch grid, row-major (the family's dense features: SAM's neck too)."""
@@ -76,11 +88,13 @@ def view_pair(img: torch.Tensor, img_size: int, mean: Sequence[float], std: Sequ
 @torch.no_grad()
 def correspondence(models: dict[str, nn.Module], images: Sequence[torch.Tensor], img_size: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> dict:
-    """Matching accuracy of each named model over ``images`` (uint8 (3,H,W)) at ``img_size``."""
+    """Matching accuracy of each named model over ``images`` (uint8 (3,H,W)) at ``img_size``, and under
+    ``"adjacent_cosine"`` each model's mean :func:`adjacent_cosine` of view A."""
     first = backbone_of(next(iter(models.values())))
     patch = family_of(first).patch_size(first)
     grid = img_size // patch
     counts = {name: [0, 0] for name in models}
+    smooth = {name: 0.0 for name in models}
     for img in images:
         for offset in OFFSETS:
             x, geom = view_pair(img, img_size, mean, std, offset)
@@ -89,5 +103,8 @@ def correspondence(models: dict[str, nn.Module], images: Sequence[torch.Tensor],
                 ok, n = match_accuracy(fa, fb, grid, geom)
                 counts[name][0] += ok
                 counts[name][1] += n
-    return {name: c[0] / max(c[1], 1) for name, c in counts.items()} | {"num_pairs": len(images) * len(OFFSETS)}
+                smooth[name] += adjacent_cosine(fa, grid)
+    pairs = len(images) * len(OFFSETS)
+    return ({name: c[0] / max(c[1], 1) for name, c in counts.items()}
+            | {"num_pairs": pairs, "adjacent_cosine": {name: v / max(pairs, 1) for name, v in smooth.items()}})
 

@@ -57,7 +57,8 @@ def _correspondence(model: nn.Module, teacher: nn.Module, data: str, img_size: i
     acc = correspondence({"teacher": teacher, "model": model}, images, img_size, cfg["mean"], cfg["std"], device)
     return {"task": "correspondence", "data": data, "img_size": img_size, "teacher_accuracy": acc["teacher"],
             "accuracy": acc["model"], "ratio_to_teacher": acc["model"] / max(acc["teacher"], 1e-12),
-            "num_pairs": acc["num_pairs"], "images": names}
+            "teacher_adjacent_cosine": acc["adjacent_cosine"]["teacher"],
+            "adjacent_cosine": acc["adjacent_cosine"]["model"], "num_pairs": acc["num_pairs"], "images": names}
 
 
 def source_images(data: str, length: int | None = None) -> tuple[list[str], list[torch.Tensor]]:
