@@ -84,6 +84,9 @@ def test_added_lr_scale_speeds_only_the_parameters_the_kind_added(tmp_path):
         assert moved[1.0][key] > 0 and moved[10.0][key] / moved[1.0][key] == pytest.approx(10, rel=0.02)
     assert torch.equal(runs[1.0]["blocks.0.attn.qkv.weight"], runs[10.0]["blocks.0.attn.qkv.weight"])
     assert moved[1.0]["blocks.0.attn.qkv.weight"] > 0
+    with pytest.raises(ConfigError, match="added_lr_scale=10 but nothing trained here was added"):
+        align_attention(teacher, adala.linearize(teacher, "linear-elu"), data="photos", img_size=56, steps=2,
+                        batch_size=2, added_lr_scale=10.0, out=tmp_path / "plain", **FAST)
 
 
 def test_stage1_metrics_are_the_per_block_errors():

@@ -9,7 +9,8 @@ resemble each other loses here.
 
 A one-patch tolerance also rewards *blur*: features smoother than the teacher's send more matches to a
 neighbour of the true patch. So each model's adjacent-patch cosine (view A, right and lower neighbours) is
-reported beside its accuracy; a student above the teacher's ratio and its smoothness is matching by blur.
+reported beside its accuracy: a student that beats the teacher's accuracy with neighbouring patches more
+alike than the teacher's may be matching by blur.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..attention.base import KernelAttention
+from ..errors import ConfigError
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -59,6 +60,9 @@ def build_optimizer(
     decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias") and id(p) not in skip]
     no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias") and id(p) not in skip)]
     added = added_parameter_ids(objective) if added_lr_scale != 1.0 else set()
+    if added_lr_scale != 1.0 and not added & {id(p) for _, p in named}:
+        raise ConfigError(f"added_lr_scale={added_lr_scale:g} but nothing trained here was added by the "
+                          "linearization (a dwc conv, temperatures, an output gate); drop it or train such an option")
     groups = [{"params": [p for p in params if (id(p) in added) == new], "weight_decay": wd,
                "lr": lr * added_lr_scale if new else lr}
               for new in (False, True) for params, wd in ((decay, weight_decay), (no_decay, 0.0))]
