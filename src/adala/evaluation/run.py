@@ -101,22 +101,29 @@ def evaluate(
     ``options``: attention options changed when loading a model directory (``load_model``), e.g. ``{"agents": 9}``
     to score a trained ``agent`` student with more agents; the result records them.
     """
-    if isinstance(img_size, (list, tuple)):  # load model and teacher once, then score each size
-        if not img_size:
-            raise ConfigError("img_size: empty list of sizes")
-        model, teacher = as_model(model, options=options), None if teacher is None else as_teacher(teacher)
-        by_size = {str(s): evaluate(model, task=task, data=data, img_size=s, teacher=teacher, batch_size=batch_size,
-                                    length=length, device=device, num_workers=num_workers) for s in img_size}
-        result = {"task": task, "data": data, "img_size": list(img_size), "by_size": by_size}
-        if options:
-            result["options"] = dict(options)
-        if out is not None and is_main():
-            write_json(_output_path(out), result)
-        return result
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if isinstance(img_size, (list, tuple)) and not img_size:
+        raise ConfigError("img_size: empty list of sizes")
+    model = as_model(model, options=options)  # loaded once, whatever the number of sizes
+    if isinstance(img_size, (list, tuple)):  # and the teacher once too, then each size is scored
+        teacher = None if teacher is None else as_teacher(teacher)
+        by_size = {str(s): _scores(model, task, data, s, teacher, batch_size, length, device, num_workers)
+                   for s in img_size}
+        result = {"task": task, "data": data, "img_size": list(img_size), "by_size": by_size}
+    else:
+        result = _scores(model, task, data, img_size, teacher, batch_size, length, device, num_workers)
+    if options:
+        result["options"] = dict(options)
+    if out is not None and is_main():
+        write_json(_output_path(out), result)
+    return result
+
+
+def _scores(model: nn.Module, task: str, data: str, img_size: int, teacher: nn.Module | str | None,
+            batch_size: int, length: int | None, device: str, num_workers: int) -> dict[str, Any]:
+    """:func:`evaluate` at one size, on a loaded model."""
     check_positive(batch_size, "batch_size")
-    model = as_model(model, options=options)
     check_img_size(model, img_size)
     check_fits(model, img_size, batch_size, device, train=False, amp="fp32")
     head = None if task in ("features", "correspondence") else _task_head(model, task)
@@ -127,12 +134,7 @@ def evaluate(
     elif task in ("features", "correspondence"):
         raise ConfigError(f"task {task!r} compares with the teacher and needs one (--teacher)")
     if task == "correspondence":
-        result = _correspondence(model, t_model, data, img_size, length, pick_device(device))
-        if options:
-            result["options"] = dict(options)
-        if out is not None and is_main():
-            write_json(_output_path(out), result)
-        return result
+        return _correspondence(model, t_model, data, img_size, length, pick_device(device))
     data_task = {"features": "unlabeled", "segmentation": "segmentation"}.get(task, "classification")
     ds = dataset(model, data, task=data_task, img_size=img_size, train=False, length=length)
 
@@ -150,8 +152,6 @@ def evaluate(
         if meter is not None:
             meter.update(model, t_model, x)
     result: dict[str, Any] = {"task": task, "data": data, "img_size": img_size}
-    if options:
-        result["options"] = dict(options)
     if cm is not None:
         cm.all_reduce()
         names = head.get("class_names")
@@ -160,6 +160,4 @@ def evaluate(
         meter.all_reduce()
         result["fidelity"] = meter.result()
     model.train(was_training)
-    if out is not None and is_main():
-        write_json(_output_path(out), result)
     return result

@@ -51,7 +51,7 @@ def build_optimizer(
 
     ``added_lr_scale`` multiplies the learning rate of the parameters the linearization added (their groups keep
     it through the schedule): they start at identity, and at the pretrained weights' lr a 300-step stage 1 left a
-    zero-initialised ``dwc`` conv at |w| ≤ 0.04, where twice those weights fit the teacher better (README)."""
+    zero-initialised ``dwc`` conv at |w| ≤ 0.04; 5x lifted held-out correspondence by 15-18 points (README)."""
     skip: set[int] = set()
     student = getattr(objective, "student", None)
     if student is not None and hasattr(student, "no_weight_decay"):
