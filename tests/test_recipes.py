@@ -129,6 +129,37 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
     assert main(["run", str(CONFIGS / "demo.yaml"), "--check"]) == 0
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"student": {"kind": "linearize", "attention": "agnt"}}, "stages.student: unknown attention kind 'agnt'"),
+    ({"student": {"kind": "linearize", "attention": "agent", "options": {"kmeans_point": 0}}},
+     "stages.student: unknown option kmeans_point for attention agent"),
+    ({"student": {"kind": "linearize", "attention": "agent", "options": {"dwc": 2}}},
+     "stages.student: dwc must be 0 (off) or a positive odd kernel size"),
+    ({"stage2": {"kind": "align-features", "from": "stage1", "data": "photoz"}},
+     "stages.stage2.data: unknown data spec 'photoz'"),
+    ({"stage2": {"kind": "align-features", "from": "stage1", "data": ["photos", "photos:heldout"]}},
+     "stages.stage2.data: 'photos:heldout' is the held-out evaluation set"),
+])
+def test_check_builds_what_the_run_would_and_names_the_stage(tiny_dir, tmp_path, capsys, change, message):
+    """--check fails, in one line and before any training, on what the schema alone lets through (each of these
+    passed --check before it built the students and parsed the data specs)."""
+    r = _recipe(tiny_dir)
+    r["stages"].update(change)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(r, sort_keys=False))
+    assert main(["run", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+def test_check_says_what_it_checked(tiny_dir, tmp_path, capsys):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(tiny_dir), sort_keys=False))
+    assert main(["run", str(cfg), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "data specs parse" in out and "architecture built; 1 students linearized on it" in out
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_shipped_recipe_validates(name):
     assert main(["run", str(CONFIGS / name), "--check"]) == 0

@@ -8,8 +8,9 @@ import torch
 from conftest import attention_io, tiny_teacher
 
 import adala
-from adala.attention import build
+from adala.attention import build, get
 from adala.attention import naive_kinds as nk
+from adala.attention.base import option_names
 from adala.attention.grid import attach_patch_grid
 from adala.attention.naive import softmax_attention_reference
 from adala.errors import ConfigError, UnsupportedModelError
@@ -279,3 +280,22 @@ def test_initial_fidelity_beats_linear_elu_on_real_activations(real_attention_io
             for kind in ["hedgehog", "window-hybrid", "focused", "nystrom", "agent"]}
     assert all(e < 0.97 * elu for e in errs.values()), (elu, errs)
     assert errs["window-hybrid"] < 0.6 * elu  # most of the teacher's attention mass is local
+
+
+@pytest.mark.parametrize("kind, typo, meant", [
+    ("agent", "kmeans_point", "kmeans_points"), ("linear-elu", "dwcc", "dwc"), ("focused", "dwc_size", "dwc"),
+    ("nystrom", "landmark", "landmarks"), ("performer", "feature", "features"),
+])
+def test_unknown_options_fail_and_name_what_the_kind_takes(teacher_attn, kind, typo, meant):
+    """A typo must not train a different student than the one asked for: each kind's **options used to swallow
+    it. The message lists the kind's real options (its __init__ chain's keywords), so the fix is one look away."""
+    with pytest.raises(ConfigError, match=f"unknown option {typo} for attention {kind}; it takes: ") as e:
+        build(kind, teacher_attn, **{typo: 1})
+    assert meant in str(e.value).split("it takes: ")[1].split(", ")  # the option meant is listed
+    assert option_names(get("linear-elu")) == {"eps", "kernel", "dwc", "out_gate", "temperature"}
+    assert option_names(get("agent")) == {"agents", "temperature", "dwc", "kmeans", "kmeans_points"}
+
+
+def test_softmax_kind_takes_no_options():
+    with pytest.raises(ConfigError, match="attention softmax takes no options, got dwc"):
+        adala.linearize(tiny_teacher(), "softmax", dwc=3)

@@ -8,12 +8,13 @@ exactly the teacher's; only a kind's own extra parameters get new names. Subclas
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
 
 def upcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,6 +35,29 @@ def is_linear(attn: nn.Module) -> bool:
 TEACHER_PARTS = ("qkv", "q_norm", "k_norm", "norm", "gate", "proj")
 
 
+def option_names(cls: type) -> set[str]:
+    """Every option a kind accepts: the keyword parameters of each ``__init__`` along its class chain (a kind
+    forwards what it does not name itself to its parent, so the union is what the chain reads)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is nn.Module:
+            continue
+        names.update(p.name for p in list(inspect.signature(init).parameters.values())[2:]
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return names
+
+
+def check_option_names(cls: type, options: dict[str, Any]) -> None:
+    """Unknown options fail in one line. Why: a kind's ``**options`` would otherwise swallow a typo
+    (``kmeans_point: 0``) and train a different student than the recipe says, with nothing to show for it."""
+    unknown = sorted(set(options) - option_names(cls))
+    if unknown:
+        name = getattr(cls, "kind", cls.__name__)
+        raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for attention "
+                          f"{name}; it takes: {', '.join(sorted(option_names(cls))) or 'no options'}")
+
+
 class KernelAttention(nn.Module):
     """Shared projection plumbing; ``mix`` is the only thing a kind has to write."""
 
@@ -41,6 +65,7 @@ class KernelAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, **options: Any) -> None:
         super().__init__()
+        check_option_names(type(self), options)
         if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
             raise UnsupportedModelError(
                 f"cannot linearize {type(attn).__name__}: expected a timm-style attention with fused qkv"

@@ -28,7 +28,7 @@ from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import KernelAttention
+from .base import KernelAttention, check_option_names
 from .flops import kind_flops
 from .ops import DEFAULT_EPS, FEATURE_MAPS, linear_attention
 
@@ -40,6 +40,7 @@ class RopeKernelAttention(KernelAttention):
 
     def __init__(self, attn: nn.Module, kind: str = "linear-elu", eps: float = DEFAULT_EPS,
                  kernel: str = "auto", **options: Any) -> None:
+        check_option_names(type(self), options)
         if kind not in ROPE_KINDS:
             raise UnsupportedModelError(
                 f"attention kind {kind!r} has no rotary-embedding version; Eva models take {', '.join(ROPE_KINDS)}")

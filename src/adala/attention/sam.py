@@ -26,7 +26,7 @@ from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias, get_
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from .base import KernelAttention
+from .base import KernelAttention, check_option_names
 from .flops import kind_flops
 from .ops import DEFAULT_EPS, FEATURE_MAPS, linear_attention
 
@@ -53,6 +53,7 @@ class SamKernelAttention(KernelAttention):
 
     def __init__(self, attn: nn.Module, kind: str = "linear-elu", eps: float = DEFAULT_EPS,
                  rel_pos: str = DEFAULT_REL_POS, kernel: str = "auto", **options: Any) -> None:
+        check_option_names(type(self), options)
         if kind not in SAM_KINDS:
             raise UnsupportedModelError(
                 f"attention kind {kind!r} has no SAM version; SAM models take {', '.join(SAM_KINDS)}")

@@ -181,10 +181,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # lazy: keeps adala --help fast (no training code at parse time)
-    from ..recipes import headline, load_recipe, run_recipe
+    from ..recipes import check_inputs, headline, load_recipe, run_recipe
 
     recipe = load_recipe(args.config, args.set)
     if args.check:
+        for line in check_inputs(recipe):
+            print(line)
         print(f"{args.config}: valid ({len(recipe.stages)} stages: "
               + ", ".join(f"{s.name}={s.kind}" for s in recipe.stages) + ")")
         return 0

@@ -114,6 +114,8 @@ def linearize(
         from .hf_attention import linearize_hf
 
         return linearize_hf(model, attention, keep_softmax, **options)
+    if attention == "softmax" and options:  # its blocks are built without options; say so, not drop them
+        raise ConfigError(f"attention softmax takes no options, got {', '.join(sorted(options))}")
     n = len(attention_modules(model))
     fam = family_of(model)
     blocks = fam.default_blocks if blocks is None else blocks
