@@ -129,6 +129,9 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
     assert main(["run", str(CONFIGS / "demo.yaml"), "--check"]) == 0
 
 
+EVAL = {"kind": "evaluate", "from": "stage2", "task": "features", "data": "photos:heldout", "length": 4}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"student": {"kind": "linearize", "attention": "agnt"}}, "stages.student: unknown attention kind 'agnt'"),
     ({"student": {"kind": "linearize", "attention": "agent", "options": {"kmeans_point": 0}}},
@@ -139,6 +142,9 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
      "stages.stage2.data: unknown data spec 'photoz'"),
     ({"stage2": {"kind": "align-features", "from": "stage1", "data": ["photos", "photos:heldout"]}},
      "stages.stage2.data: 'photos:heldout' is the held-out evaluation set"),
+    ({"eval": {**EVAL, "options": {"dwc": 3}}}, "stages.eval.options: ['dwc'] change the weights of stage2's"),
+    ({"eval": {**EVAL, "options": {"kernel": "fast"}}}, "stages.eval.options: kernel must be one of"),
+    ({"eval": {**EVAL, "from": "teacher", "options": {"eps": 1e-5}}}, "teacher has no linear attention"),
 ])
 def test_check_builds_what_the_run_would_and_names_the_stage(tiny_dir, tmp_path, capsys, change, message):
     """--check fails, in one line and before any training, on what the schema alone lets through (each of these
@@ -153,11 +159,13 @@ def test_check_builds_what_the_run_would_and_names_the_stage(tiny_dir, tmp_path,
 
 
 def test_check_says_what_it_checked(tiny_dir, tmp_path, capsys):
+    r = _recipe(tiny_dir)
+    r["stages"]["eval"]["options"] = {"eps": 1e-5}  # carries no weights: an evaluation may set it
     cfg = tmp_path / "r.yaml"
-    cfg.write_text(yaml.safe_dump(_recipe(tiny_dir), sort_keys=False))
+    cfg.write_text(yaml.safe_dump(r, sort_keys=False))
     assert main(["run", str(cfg), "--check"]) == 0
     out = capsys.readouterr().out
-    assert "data specs parse" in out and "architecture built; 1 students linearized on it" in out
+    assert "6 data specs parse" in out and "1 students linearized on it, 1 rebuilt with an evaluation's" in out
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

@@ -40,6 +40,7 @@ from .evaluation import TASKS as EVAL_TASKS
 from .evaluation import evaluate
 from .files import write_json
 from .models import linearize, load_teacher
+from .models.io import state_mismatch
 from .models.resolve import as_model, check_img_size
 from .models.teachers import EMBEDDED
 from .outdir import check_target, claim, created_by_adala, write_marker
@@ -394,10 +395,14 @@ def check_inputs(recipe: Recipe) -> list[str]:
     its stage starts, perhaps an hour into a run (or, for an option, used to be dropped). So: every data spec
     parses, and no training stage reads held-out photos; the teacher's *architecture* is built without its
     weights (offline, in about a second; ``hf:`` teachers need the hub for that, so their kinds are checked by
-    name only), and every stage that linearizes builds its student on it, which checks the kind, its option
-    names and values the way the run will.
+    name only), every stage that linearizes builds its student on it, which checks the kind, its option names
+    and values the way the run will, and an evaluate stage's ``options`` are rebuilt on that student and
+    refused if they would change its weights (as ``load_model`` will).
     """
-    said: list[str] = []
+    return [_check_data(recipe), _check_students(recipe)]
+
+
+def _check_data(recipe: Recipe) -> str:
     specs = 0
     for st in recipe.stages:
         for key in ("data", "eval_data"):
@@ -411,30 +416,59 @@ def check_inputs(recipe: Recipe) -> list[str]:
                     raise ConfigError(f"stages.{st.name}.data: {spec!r} is the held-out evaluation set; a "
                                       "training stage must not read it (train on photos or wallpapers)")
                 specs += 1
-    said.append(f"{specs} data specs parse; no training stage reads held-out photos")
-    builds = [st for st in recipe.stages if st.kind == "linearize" or (st.kind == "align-attention" and
-                                                                       st.source is None)]
+    return f"{specs} data specs parse; no training stage reads held-out photos"
+
+
+def _check_students(recipe: Recipe) -> str:
+    # each stage's student as (kind, keep_softmax, options), inherited along `from`; None: the teacher itself
+    student: dict[str, tuple[str, Any, dict] | None] = {}
+    for st in recipe.stages:
+        if st.kind == "linearize":
+            student[st.name] = (st.options.get("attention", "linear-elu"), st.options.get("keep_softmax"),
+                                st.options.get("options", {}))
+        elif st.kind == "align-attention" and st.source is None:
+            student[st.name] = (st.options.get("attention", "linear-elu"), None, {})
+        else:
+            student[st.name] = student.get(st.source) if st.source not in (None, "teacher") else None
+    built = [st for st in recipe.stages if st.kind == "linearize" or (st.kind == "align-attention" and
+                                                                      st.source is None)]
+    rebuilt = [st for st in recipe.stages if st.kind == "evaluate" and st.options.get("options")]
+    for st in rebuilt:
+        if student[st.name] is None:
+            raise ConfigError(f"stages.{st.name}.options: {st.source} has no linear attention: attention options "
+                              "do not apply to it")
     if recipe.teacher.startswith("hf:"):
-        for st in builds:
+        for st in built:
             try:
-                attention_registry.get(st.options.get("attention", "linear-elu"))
+                attention_registry.get(student[st.name][0])
             except AdalaError as e:
                 raise ConfigError(f"stages.{st.name}.attention: {e}") from None
-        said.append(f"{len(builds)} attention kinds known (an hf: teacher's architecture needs the hub)")
-        return said
+        return f"{len(built)} attention kinds known (an hf: teacher's architecture needs the hub)"
     # a hub architecture on the meta device: no weights to initialise (ViT-L: 0.3 s instead of 6 s); a teacher
     # read from a file (the embedded one, a local directory) loads as the run will
     from_file = recipe.teacher in EMBEDDED or os.path.exists(recipe.teacher)
     with contextlib.nullcontext() if from_file else torch.device("meta"):
         arch = load_teacher(recipe.teacher, pretrained=False)
-    for st in builds:
+    for st in built:
+        kind, keep, options = student[st.name]
         try:
-            linearize(arch, st.options.get("attention", "linear-elu"), keep_softmax=st.options.get("keep_softmax"),
-                      **st.options.get("options", {}))
+            linearize(arch, kind, keep_softmax=keep, **options)
         except AdalaError as e:
             raise ConfigError(f"stages.{st.name}: {e}") from None
-    said.append(f"teacher {recipe.teacher}: architecture built; {len(builds)} students linearized on it")
-    return said
+    for st in rebuilt:
+        kind, keep, options = student[st.name]
+        changed = st.options["options"]
+        try:
+            base = linearize(arch, kind, keep_softmax=keep, **options)
+            mismatch = state_mismatch(linearize(arch, kind, keep_softmax=keep, **{**options, **changed}),
+                                      base.state_dict())
+        except AdalaError as e:
+            raise ConfigError(f"stages.{st.name}.options: {e}") from None
+        if mismatch:
+            raise ConfigError(f"stages.{st.name}.options: {sorted(changed)} change the weights of {st.source}'s "
+                              f"student, so an evaluation cannot set them ({mismatch})")
+    return (f"teacher {recipe.teacher}: architecture built; {len(built)} students linearized on it, "
+            f"{len(rebuilt)} rebuilt with an evaluation's options")
 
 
 def _stored_fingerprint(d: Path) -> str | None:
