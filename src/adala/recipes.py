@@ -394,7 +394,7 @@ def check_inputs(recipe: Recipe) -> list[str]:
     Why: the schema alone passes a mistyped attention kind, option or data spec, which would then fail only when
     its stage starts, perhaps an hour into a run (or, for an option, used to be dropped). So: every data spec
     parses, and no training stage reads held-out photos; the teacher's *architecture* is built without its
-    weights (offline, in about a second; ``hf:`` teachers need the hub for that, so their kinds are checked by
+    weights (offline, 0.4-2.5 s; ``hf:`` teachers need the hub for that, so their kinds are checked by
     name only), every stage that linearizes builds its student on it, which checks the kind, its option names
     and values the way the run will, and an evaluate stage's ``options`` are rebuilt on that student and
     refused if they would change its weights (as ``load_model`` will).
