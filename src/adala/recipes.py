@@ -420,27 +420,21 @@ def _check_data(recipe: Recipe) -> str:
 
 
 def _check_students(recipe: Recipe) -> str:
-    # each stage's student as (kind, keep_softmax, options), inherited along `from`; None: the teacher itself
-    student: dict[str, tuple[str, Any, dict] | None] = {}
+    # the stage that linearized each stage's student, inherited along `from`; None: the teacher itself
+    root: dict[str, str | None] = {}
     for st in recipe.stages:
-        if st.kind == "linearize":
-            student[st.name] = (st.options.get("attention", "linear-elu"), st.options.get("keep_softmax"),
-                                st.options.get("options", {}))
-        elif st.kind == "align-attention" and st.source is None:
-            student[st.name] = (st.options.get("attention", "linear-elu"), None, {})
-        else:
-            student[st.name] = student.get(st.source) if st.source not in (None, "teacher") else None
-    built = [st for st in recipe.stages if st.kind == "linearize" or (st.kind == "align-attention" and
-                                                                      st.source is None)]
+        builds = st.kind == "linearize" or (st.kind == "align-attention" and st.source is None)
+        root[st.name] = st.name if builds else root.get(st.source) if st.source not in (None, "teacher") else None
+    built = [st for st in recipe.stages if root[st.name] == st.name]
     rebuilt = [st for st in recipe.stages if st.kind == "evaluate" and st.options.get("options")]
     for st in rebuilt:
-        if student[st.name] is None:
+        if root[st.name] is None:
             raise ConfigError(f"stages.{st.name}.options: {st.source} has no linear attention: attention options "
                               "do not apply to it")
     if recipe.teacher.startswith("hf:"):
         for st in built:
             try:
-                attention_registry.get(student[st.name][0])
+                attention_registry.get(st.options.get("attention", "linear-elu"))
             except AdalaError as e:
                 raise ConfigError(f"stages.{st.name}.attention: {e}") from None
         return f"{len(built)} attention kinds known (an hf: teacher's architecture needs the hub)"
@@ -449,19 +443,22 @@ def _check_students(recipe: Recipe) -> str:
     from_file = recipe.teacher in EMBEDDED or os.path.exists(recipe.teacher)
     with contextlib.nullcontext() if from_file else torch.device("meta"):
         arch = load_teacher(recipe.teacher, pretrained=False)
+
+    def build(st: Stage, more: dict[str, Any]) -> torch.nn.Module:
+        return linearize(arch, st.options.get("attention", "linear-elu"), keep_softmax=st.options.get("keep_softmax"),
+                         **{**st.options.get("options", {}), **more})
+
+    students = {}
     for st in built:
-        kind, keep, options = student[st.name]
         try:
-            linearize(arch, kind, keep_softmax=keep, **options)
+            students[st.name] = build(st, {})
         except AdalaError as e:
             raise ConfigError(f"stages.{st.name}: {e}") from None
+    by_name = {st.name: st for st in recipe.stages}
     for st in rebuilt:
-        kind, keep, options = student[st.name]
         changed = st.options["options"]
         try:
-            base = linearize(arch, kind, keep_softmax=keep, **options)
-            mismatch = state_mismatch(linearize(arch, kind, keep_softmax=keep, **{**options, **changed}),
-                                      base.state_dict())
+            mismatch = state_mismatch(build(by_name[root[st.name]], changed), students[root[st.name]].state_dict())
         except AdalaError as e:
             raise ConfigError(f"stages.{st.name}.options: {e}") from None
         if mismatch:

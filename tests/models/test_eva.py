@@ -16,7 +16,7 @@ import adala
 from adala.attention.naive import linear_attention_reference, softmax_attention_reference
 from adala.attention.rope import RopeKernelAttention
 from adala.benchmark import bench, model_flops
-from adala.errors import UnsupportedModelError
+from adala.errors import ConfigError, UnsupportedModelError
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 # dinov3: fused qkv without bias, 4 registers, rotate-half rope; eva02: separate q/k/v, SwiGLU, interleaved
@@ -66,6 +66,8 @@ def test_rope_softmax_kind_reproduces_the_teacher(family):
 def test_unsupported_kind_for_eva_fails_in_one_line():
     with pytest.raises(UnsupportedModelError, match="not available for Eva models"):
         adala.linearize(tiny_eva(), "performer")
+    with pytest.raises(ConfigError, match="unknown option dwc for attention linear-elu; it takes: eps, kernel, kind"):
+        adala.linearize(tiny_eva(), dwc=3)  # the ViT kinds' conv has no rotary version: refused, not dropped
 
 
 # --------------------------------------------------------------------------- float64 reference, by hand

@@ -52,6 +52,9 @@ def test_global_blocks_by_default_windowed_on_request_tensors_kept():
         adala.linearize(teacher, blocks="windowed")
     with pytest.raises(ConfigError, match="rel_pos must be one of"):
         adala.linearize(teacher, rel_pos="learn")
+    with pytest.raises(ConfigError,
+                       match="unknown option dwc for attention linear-elu; it takes: eps, kernel, kind, rel_pos"):
+        adala.linearize(teacher, dwc=3)
 
 
 def test_softmax_kind_is_bit_exact_and_drop_warns():

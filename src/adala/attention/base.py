@@ -48,12 +48,13 @@ def option_names(cls: type) -> set[str]:
     return names
 
 
-def check_option_names(cls: type, options: dict[str, Any]) -> None:
+def check_option_names(cls: type, options: dict[str, Any], name: str | None = None) -> None:
     """Unknown options fail in one line. Why: a kind's ``**options`` would otherwise swallow a typo
-    (``kmeans_point: 0``) and train a different student than the recipe says, with nothing to show for it."""
+    (``kmeans_point: 0``) and train a different student than the recipe says, with nothing to show for it.
+    ``name``: the kind the message names (a family's own class, Eva's or SAM's, serves several kinds)."""
     unknown = sorted(set(options) - option_names(cls))
     if unknown:
-        name = getattr(cls, "kind", cls.__name__)
+        name = name or cls.kind
         raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for attention "
                           f"{name}; it takes: {', '.join(sorted(option_names(cls))) or 'no options'}")
 

@@ -40,7 +40,7 @@ class RopeKernelAttention(KernelAttention):
 
     def __init__(self, attn: nn.Module, kind: str = "linear-elu", eps: float = DEFAULT_EPS,
                  kernel: str = "auto", **options: Any) -> None:
-        check_option_names(type(self), options)
+        check_option_names(type(self), options, kind)
         if kind not in ROPE_KINDS:
             raise UnsupportedModelError(
                 f"attention kind {kind!r} has no rotary-embedding version; Eva models take {', '.join(ROPE_KINDS)}")
@@ -71,7 +71,7 @@ class RopeKernelAttention(KernelAttention):
         self.proj, self.proj_drop = attn.proj, attn.proj_drop
         self.eps = float(eps)
         self.feature_map = FEATURE_MAPS[self.feature_map_name] if self.feature_map_name else None
-        self.options = {"eps": eps, "kernel": kernel, **options} if self.feature_map else dict(options)
+        self.options = {"eps": eps, "kernel": kernel} if self.feature_map else {}
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape

@@ -53,7 +53,7 @@ class SamKernelAttention(KernelAttention):
 
     def __init__(self, attn: nn.Module, kind: str = "linear-elu", eps: float = DEFAULT_EPS,
                  rel_pos: str = DEFAULT_REL_POS, kernel: str = "auto", **options: Any) -> None:
-        check_option_names(type(self), options)
+        check_option_names(type(self), options, kind)
         if kind not in SAM_KINDS:
             raise UnsupportedModelError(
                 f"attention kind {kind!r} has no SAM version; SAM models take {', '.join(SAM_KINDS)}")
@@ -71,7 +71,7 @@ class SamKernelAttention(KernelAttention):
         self.attn_drop = getattr(attn, "attn_drop", nn.Dropout(0.0))
         self.fused = bool(getattr(attn, "fused_attn", True))
         self.rel_pos = rel_pos
-        self.options = {"eps": eps, "rel_pos": rel_pos, "kernel": kernel, **options} if self.feature_map else {}
+        self.options = {"eps": eps, "rel_pos": rel_pos, "kernel": kernel} if self.feature_map else {}
         if self.feature_map and self.use_rel_pos and rel_pos == "drop":
             warnings.warn("SAM relative position bias dropped in linearized blocks (rel_pos='drop'); "
                           "rel_pos='approx' keeps its key-side part", stacklevel=3)
