@@ -15,6 +15,7 @@ import adala
 from adala.attention import build
 from adala.attention import naive_kinds as nk
 from adala.attention.agent import kmeans_stride, lloyd
+from adala.attention.grid import conv_dilation
 from adala.errors import ConfigError
 from adala.models import agent_block as ab
 from adala.models import linear_block as lb
@@ -48,7 +49,8 @@ def teacher_attn():
 @pytest.mark.parametrize("prefix,grid", [(1, (5, 5)), (0, (6, 4)), (5, (7, 3))])
 @pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 1, "dwc": 3},
                                      {"agents": 4, "kmeans": 2, "temperature": False},
-                                     {"agents": 2, "kmeans": 2, "kmeans_points": 4}])  # k-means on a 2× subgrid
+                                     {"agents": 2, "kmeans": 2, "kmeans_points": 4},  # k-means on a 2× subgrid
+                                     {"agents": 2, "kmeans": 1, "dwc": 3, "dwc_grid": 2}])  # taps 2-4 patches apart
 def test_mix_matches_reference(one_thread, teacher_attn, prefix, grid, options):
     m = _perturb(build("agent", teacher_attn, **options)).double()
     m.num_prefix_tokens, m.grid = prefix, grid
@@ -56,7 +58,9 @@ def test_mix_matches_reference(one_thread, teacher_attn, prefix, grid, options):
     conv = (m.dwc.weight, m.dwc.bias) if m.dwc is not None else (None, None)
     stride = kmeans_stride(grid[0] * grid[1], m.kmeans_points)
     assert stride == (2 if m.kmeans_points == 4 else 1)
-    ref = nk.agent_reference(q, k, v, m.scale, prefix, grid, m.agents, m.kmeans, m.log_tau, *conv, stride)
+    dilation = conv_dilation(*grid, m.dwc_grid)
+    assert dilation == ({(5, 5): (3, 3), (6, 4): (3, 2), (7, 3): (4, 2)}[grid] if m.dwc_grid else (1, 1))
+    ref = nk.agent_reference(q, k, v, m.scale, prefix, grid, m.agents, m.kmeans, m.log_tau, *conv, stride, dilation)
     assert _rel(m.mix(q, k, v), ref) < 1e-10
 
 
@@ -102,7 +106,8 @@ def test_centres_carry_gradient_to_queries(teacher_attn):
 
 
 @pytest.mark.parametrize("bad", [{"agents": 0}, {"agents": True}, {"agents": 2.5}, {"kmeans": -1},
-                                 {"kmeans": "2"}, {"kmeans_points": -1}, {"dwc": 2}, {"temperature": "yes"}])
+                                 {"kmeans": "2"}, {"kmeans_points": -1}, {"dwc": 2}, {"temperature": "yes"},
+                                 {"dwc": 3, "dwc_grid": -1}, {"dwc": 3, "dwc_grid": True}, {"dwc_grid": 16}])
 def test_bad_options_are_one_line_errors(teacher_attn, bad):
     with pytest.raises(ConfigError) as e:
         build("agent", teacher_attn, **bad)
@@ -129,7 +134,8 @@ def _student(**options):
 
 @pytest.mark.parametrize("size", [(28, 28), (56, 84), (98, 42), (112, 112)])  # one chunk ... many; non-square
 @pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 2, "dwc": 3},
-                                     {"agents": 2, "kmeans": 2, "kmeans_points": 6}])
+                                     {"agents": 2, "kmeans": 2, "kmeans_points": 6},
+                                     {"agents": 2, "kmeans": 2, "dwc": 3, "dwc_grid": 2}])  # taps 1-4 patches apart
 @pytest.mark.parametrize("batch", [1, 3])
 def test_streamed_block_matches_reference(one_thread, chunk, size, options, batch):
     student = _student(**options)
@@ -164,7 +170,8 @@ def test_streamed_block_matches_reference(one_thread, chunk, size, options, batc
     conv = (attn.dwc.weight, attn.dwc.bias) if attn.dwc is not None else (None, None)
     grid = (size[0] // 14, size[1] // 14)
     stride = kmeans_stride(grid[0] * grid[1], attn.kmeans_points)
-    mixed = nk.agent_reference(q, k, v, attn.scale, 5, grid, attn.agents, attn.kmeans, attn.log_tau, *conv, stride)
+    mixed = nk.agent_reference(q, k, v, attn.scale, 5, grid, attn.agents, attn.kmeans, attn.log_tau, *conv, stride,
+                               conv_dilation(*grid, attn.dwc_grid))
     want_block = tokens + block.ls1(attn.proj(mixed.transpose(1, 2).reshape(*tokens.shape[:2], -1)))
     want_block = want_block + block.ls2(block.mlp(block.norm2(want_block)))
     with torch.no_grad():

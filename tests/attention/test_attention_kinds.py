@@ -292,8 +292,8 @@ def test_unknown_options_fail_and_name_what_the_kind_takes(teacher_attn, kind, t
     with pytest.raises(ConfigError, match=f"unknown option {typo} for attention {kind}; it takes: ") as e:
         build(kind, teacher_attn, **{typo: 1})
     assert meant in str(e.value).split("it takes: ")[1].split(", ")  # the option meant is listed
-    assert option_names(get("linear-elu")) == {"eps", "kernel", "dwc", "out_gate", "temperature"}
-    assert option_names(get("agent")) == {"agents", "temperature", "dwc", "kmeans", "kmeans_points"}
+    assert option_names(get("linear-elu")) == {"eps", "kernel", "dwc", "dwc_grid", "out_gate", "temperature"}
+    assert option_names(get("agent")) == {"agents", "temperature", "dwc", "dwc_grid", "kmeans", "kmeans_points"}
 
 
 def test_softmax_kind_takes_no_options():

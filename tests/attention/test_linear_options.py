@@ -8,6 +8,7 @@ from conftest import perturb_options, tiny_teacher
 
 import adala
 from adala.attention import build
+from adala.attention.grid import conv_dilation
 from adala.attention.naive_kinds import linear_options_reference
 from adala.errors import ConfigError
 
@@ -28,7 +29,8 @@ def _gate_reference(a, x):
 
 
 @pytest.mark.parametrize("options", [{"temperature": True}, {"dwc": 3}, {"temperature": True, "dwc": 5},
-                                     {"out_gate": 4}, {"temperature": True, "dwc": 3, "out_gate": 2}])
+                                     {"out_gate": 4}, {"temperature": True, "dwc": 3, "out_gate": 2},
+                                     {"dwc": 3, "dwc_grid": 2}])  # taps 2-3 patches apart
 @pytest.mark.parametrize("prefix,grid", [(1, (4, 4)), (1, (3, 5)), (0, (4, 3))])
 def test_options_match_float64_reference(options, prefix, grid):
     a = _attn(**options).double()
@@ -38,7 +40,8 @@ def test_options_match_float64_reference(options, prefix, grid):
     with torch.no_grad():
         q, k, v = a.qkv_heads(x)
         ref = linear_options_reference(q, k, v, a.log_tau, None if a.dwc is None else a.dwc.weight,
-                                       None if a.dwc is None else a.dwc.bias, prefix, h, w)
+                                       None if a.dwc is None else a.dwc.bias, prefix, h, w,
+                                       dilation=conv_dilation(h, w, a.dwc_grid))
         ref = ref.transpose(1, 2).reshape(2, -1, a.attn_dim)
         if a.out_gate is not None:
             ref = ref * _gate_reference(a, x)
@@ -82,7 +85,24 @@ def test_options_save_load_and_non_square(tmp_path):
         assert torch.equal(s.forward_features(x), back.forward_features(x))
 
 
-@pytest.mark.parametrize("bad", [{"dwc": 2}, {"dwc": -1}, {"dwc": True}, {"temperature": "yes"},
+@pytest.mark.parametrize("kind", ["linear-elu", "agent"])
+def test_dwc_grid_is_weight_free_and_acts_only_on_wider_grids(tmp_path, kind):
+    """A trained conv can be spread when loading (no weights change); on the grid it was trained at it changes
+    nothing, on a wider grid it reads other patches (where they sit: the float64 references above)."""
+    s = adala.linearize(tiny_teacher(init_values=0.3), kind, dwc=3)  # layer scale large enough to show attention
+    for block in s.blocks:
+        perturb_options(block.attn)
+    adala.save_model(s, tmp_path / "s")
+    spread = adala.load_model(tmp_path / "s", options={"dwc_grid": 4})  # as if trained at 56px: a 4×4 grid
+    assert spread.adala_config["attention"]["options"]["dwc_grid"] == 4
+    assert [b.attn.dwc_grid for b in spread.blocks] == [4, 4]
+    small, large = torch.randn(1, 3, 56, 56), torch.randn(1, 3, 112, 112)  # 4×4: dilation 1; 8×8: dilation 2
+    with torch.no_grad():
+        assert torch.equal(s.forward_features(small), spread.forward_features(small))
+        assert (s.forward_features(large) - spread.forward_features(large)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bad", [{"dwc": 2}, {"dwc": -1}, {"dwc": True}, {"temperature": "yes"}, {"dwc_grid": 16},
                                  {"out_gate": -1}, {"out_gate": True}, {"out_gate": 2.5}])
 def test_bad_options_fail_in_one_line(bad):
     with pytest.raises(ConfigError):

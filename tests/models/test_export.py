@@ -60,6 +60,20 @@ def test_fixed_size_export_matches_pytorch(teacher, kind, tmp_path):
     assert list(report.errors) == [56] and report.max_abs_error < TIGHT
 
 
+@pytest.mark.parametrize("kind", ["linear-elu", "agent"])
+def test_spread_conv_exports_at_a_fixed_size_only(teacher, kind, tmp_path):
+    """dwc_grid's dilation (2 on the 4×4 grid of 56px) is baked into a fixed-size graph; a dynamic one is refused."""
+    model = adala.linearize(teacher, kind, dwc=3, dwc_grid=2)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.dwc.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    report = export_onnx(model, tmp_path / "m.onnx", img_size=56)
+    assert report.max_abs_error < TIGHT
+    with pytest.raises(ExportError, match="dwc_grid spreads the dwc conv"):
+        export_onnx(adala.linearize(teacher, "linear-elu", dwc=3, dwc_grid=2), tmp_path / "d.onnx", dynamic=True,
+                    img_size=56)
+
+
 def test_kernel_torch_exports_too(teacher, tmp_path):
     report = export_onnx(adala.linearize(teacher, "linear-elu", kernel="torch"), tmp_path / "m.onnx",
                          dynamic=True, img_size=56, check_sizes=[56, 42])

@@ -214,7 +214,8 @@ def test_chunk_size_is_checked():
             lb.set_chunk_tokens(bad)
 
 
-OPTION_CASES = [{"dwc": 3}, {"dwc": 5}, {"out_gate": 4}, {"temperature": True, "dwc": 3, "out_gate": 4}]
+OPTION_CASES = [{"dwc": 3}, {"dwc": 5}, {"out_gate": 4}, {"temperature": True, "dwc": 3, "out_gate": 4},
+                {"dwc": 3, "dwc_grid": 3}]  # taps 2 patches apart on 6×6, (1, 2) on 4×7
 
 
 @pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: "+".join(o))

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import KernelAttention, upcast
-from .grid import patch_grid
+from .grid import check_dwc_grid, conv_dilation, grid_conv, patch_grid
 from .registry import register
 
 
@@ -90,7 +90,7 @@ class AgentAttention(KernelAttention):
     uses_grid = True
 
     def __init__(self, attn: nn.Module, agents: int = 8, temperature: bool = True, dwc: int = 0, kmeans: int = 2,
-                 kmeans_points: int = 1024, **options: Any) -> None:
+                 kmeans_points: int = 1024, dwc_grid: int = 0, **options: Any) -> None:
         if isinstance(agents, bool) or not isinstance(agents, int) or agents < 1:
             raise ConfigError(f"agent agents must be a positive integer (agents per grid side), got {agents!r}")
         if not isinstance(temperature, bool):
@@ -101,10 +101,12 @@ class AgentAttention(KernelAttention):
             raise ConfigError(f"agent kmeans_points must be >= 0 (0: every patch), got {kmeans_points!r}")
         if isinstance(dwc, bool) or not isinstance(dwc, int) or dwc < 0 or (dwc and dwc % 2 == 0):
             raise ConfigError(f"dwc must be 0 (off) or a positive odd kernel size, got {dwc!r}")
+        check_dwc_grid(dwc_grid, dwc)
+        extra = {"dwc_grid": dwc_grid} if dwc_grid else {}  # configs written before the option stay unchanged
         super().__init__(attn, agents=agents, temperature=temperature, dwc=dwc, kmeans=kmeans,
-                         kmeans_points=kmeans_points, **options)
+                         kmeans_points=kmeans_points, **extra, **options)
         self.kmeans, self.kmeans_points = kmeans, kmeans_points
-        self.dwc = None
+        self.dwc, self.dwc_grid = None, dwc_grid
         if dwc:
             self.dwc = nn.Conv2d(self.attn_dim, self.attn_dim, dwc, padding=dwc // 2, groups=self.attn_dim)
             nn.init.zeros_(self.dwc.weight)
@@ -140,8 +142,7 @@ class AgentAttention(KernelAttention):
             if self.dwc is not None:
                 b, heads, n, d = v.shape
                 grid = v[:, :, prefix:].transpose(1, 2).reshape(b, h, w, heads * d).permute(0, 3, 1, 2)
-                conv = F.conv2d(grid, self.dwc.weight.to(v.dtype), self.dwc.bias.to(v.dtype), padding=self.dwc.padding,
-                                groups=self.attn_dim)
+                conv = grid_conv(self.dwc, grid, conv_dilation(h, w, self.dwc_grid))
                 out_patch = out_patch + conv.flatten(2).view(b, heads, d, h * w).transpose(-2, -1)
         return torch.cat([out_prefix, out_patch], dim=2).to(out_dtype)
 

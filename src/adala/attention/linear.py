@@ -20,7 +20,8 @@ so every output drifts towards the mean value — and both start as exact identi
 * ``dwc=K``: a depthwise K×K convolution over V on the patch grid, added to the patch tokens' output
   (FLatten's and EfficientViT's rank restoration: linear attention's output has rank ≤ d; a local conv restores
   the fine local detail softmax's peaked attention gives). Zero-initialised; prefix tokens get none.
-  Costs K²·C FLOPs per token, under 1 % of a block at K=3.
+  Costs K²·C FLOPs per token, under 1 % of a block at K=3. ``dwc_grid=G`` spreads its taps by round(side / G)
+  patches on larger grids (``grid.conv_dilation``): G is the grid side it was trained at, e.g. 16 for 224².
 
 A third, ``out_gate=R``, multiplies the output by a rank-R gate of the block input, exactly 1 at init
 (``adala.attention.gate``).
@@ -38,7 +39,7 @@ from ..errors import ConfigError
 from ..tracing import is_tracing
 from .base import KernelAttention
 from .gate import OutputGate, check_rank
-from .grid import patch_grid
+from .grid import check_dwc_grid, conv_dilation, grid_conv, patch_grid
 from .ops import (
     DEFAULT_EPS,
     FEATURE_MAPS,
@@ -60,10 +61,11 @@ class LinearAttention(KernelAttention):
     feature_map_name = "elu"
 
     def __init__(self, attn: nn.Module, eps: float = DEFAULT_EPS, kernel: str = "auto", temperature: bool = False,
-                 dwc: int = 0, out_gate: int = 0, **options: Any) -> None:
+                 dwc: int = 0, out_gate: int = 0, dwc_grid: int = 0, **options: Any) -> None:
         """``kernel``: "auto" takes the fastest exact path for the call (Triton on CUDA inference, the
         fused torch kernel on CPU); "torch" always takes the generic ``mix`` path (the reference for
-        benchmarks and debugging). ``temperature`` / ``dwc`` / ``out_gate``: see the module docstring."""
+        benchmarks and debugging). ``temperature`` / ``dwc`` / ``dwc_grid`` / ``out_gate``: see the module
+        docstring."""
 
         if kernel not in KERNELS:
             raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -72,14 +74,16 @@ class LinearAttention(KernelAttention):
         if isinstance(dwc, bool) or not isinstance(dwc, int) or dwc < 0 or (dwc and dwc % 2 == 0):
             raise ConfigError(f"dwc must be 0 (off) or a positive odd kernel size, got {dwc!r}")
         check_rank(out_gate)
-        extra = {k: v for k, v in (("temperature", temperature), ("dwc", dwc), ("out_gate", out_gate)) if v}
+        check_dwc_grid(dwc_grid, dwc)
+        extra = {k: v for k, v in (("temperature", temperature), ("dwc", dwc), ("dwc_grid", dwc_grid),
+                                   ("out_gate", out_gate)) if v}
         super().__init__(attn, eps=eps, kernel=kernel, **extra, **options)
         self.eps = float(eps)
         self.kernel = kernel
         self.feature_map = FEATURE_MAPS[self.feature_map_name]
         # (2, H, 1): log-scales of q and k per head, broadcast over tokens and channels
         self.log_tau = nn.Parameter(torch.zeros(2, self.num_heads, 1)) if temperature else None
-        self.dwc = None
+        self.dwc, self.dwc_grid = None, dwc_grid
         if dwc:
             self.dwc = nn.Conv2d(self.attn_dim, self.attn_dim, dwc, padding=dwc // 2, groups=self.attn_dim)
             nn.init.zeros_(self.dwc.weight)
@@ -109,7 +113,7 @@ class LinearAttention(KernelAttention):
         b, n, c = v_tokens.shape
         prefix, h, w = patch_grid(self, n)
         grid = v_tokens[:, prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return self.dwc(grid).flatten(2).transpose(1, 2)
+        return grid_conv(self.dwc, grid, conv_dilation(h, w, self.dwc_grid)).flatten(2).transpose(1, 2)
 
     def _records_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))

@@ -128,9 +128,10 @@ def focused_reference(q, k, v, feature_scale, p, dwc_weight, dwc_bias, prefix, g
 
 
 def linear_options_reference(q, k, v, log_tau, conv_weight, conv_bias, prefix: int, h: int, w: int,
-                             eps: float = 1e-6) -> torch.Tensor:
+                             eps: float = 1e-6, dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """linear-elu with ``temperature`` (per-head scales on q, k before φ) and ``dwc`` (depthwise conv over V on
-    the patch grid, added to patch tokens), written out: the N×N kernel matrix and the conv as explicit loops."""
+    the patch grid, added to patch tokens, its taps ``dilation`` patches apart), written out: the N×N kernel
+    matrix and the conv as explicit loops."""
     q, k, v = q.double(), k.double(), v.double()
     b, heads, n, d = v.shape
     if log_tau is not None:
@@ -142,14 +143,16 @@ def linear_options_reference(q, k, v, log_tau, conv_weight, conv_bias, prefix: i
 
     out = _apply(torch.einsum("bhnd,bhmd->bhnm", phi(q), phi(k)), v, eps)
     if conv_weight is not None:
-        out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + _dwc_loops(v, conv_weight, conv_bias, prefix, h, w)],
-                        2)
+        conv = _dwc_loops(v, conv_weight, conv_bias, prefix, h, w, dilation)
+        out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + conv], 2)
     return out
 
 
-def _dwc_loops(v, conv_weight, conv_bias, prefix: int, h: int, w: int) -> torch.Tensor:
-    """A zero-padded depthwise conv over the patch tokens of V (B, H, N, D) on the h×w grid, as explicit loops;
-    channel c of the conv is head c // D, dimension c % D. Returns (B, H, h·w, D)."""
+def _dwc_loops(v, conv_weight, conv_bias, prefix: int, h: int, w: int, dilation: tuple[int, int] = (1, 1)
+               ) -> torch.Tensor:
+    """A zero-padded depthwise conv over the patch tokens of V (B, H, N, D) on the h×w grid, as explicit loops,
+    tap (dy, dx) reading the patch dy·dilation[0] rows and dx·dilation[1] columns away; channel c of the conv is
+    head c // D, dimension c % D. Returns (B, H, h·w, D)."""
     v = v.double()
     b, heads, _, d = v.shape
     size = conv_weight.shape[-1]
@@ -160,7 +163,7 @@ def _dwc_loops(v, conv_weight, conv_bias, prefix: int, h: int, w: int) -> torch.
         for x in range(w):
             for dy in range(-r, r + 1):
                 for dx in range(-r, r + 1):
-                    yy, xx = y + dy, x + dx
+                    yy, xx = y + dy * dilation[0], x + dx * dilation[1]
                     if 0 <= yy < h and 0 <= xx < w:
                         conv[:, y, x] += vg[:, yy, xx] * conv_weight[:, 0, dy + r, dx + r].double()
             conv[:, y, x] += conv_bias.double()
@@ -197,7 +200,8 @@ def _lloyd_loops(points: torch.Tensor, centres: torch.Tensor, iterations: int) -
 
 @torch.no_grad()
 def agent_reference(q, k, v, scale, prefix: int, grid: tuple[int, int], agents: int, kmeans: int,
-                    log_tau=None, conv_weight=None, conv_bias=None, kmeans_stride: int = 1) -> torch.Tensor:
+                    log_tau=None, conv_weight=None, conv_bias=None, kmeans_stride: int = 1,
+                    dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """Agent attention as the explicit (N, N) matrix softmax(τq·s·q Aᵀ)·softmax(τa·s·A Kᵀ) for patch queries and
     exact softmax rows for prefix queries; agents A = [prefix queries; k-means of the patch queries at every
     ``kmeans_stride``-th grid row and column, started from the grid cells' means], one (batch, head) at a time."""
@@ -219,5 +223,5 @@ def agent_reference(q, k, v, scale, prefix: int, grid: tuple[int, int], agents: 
             attn[bi, hi, :prefix] = torch.softmax(scale * qs[:prefix] @ ks.T, -1)
     out = torch.einsum("bhnm,bhme->bhne", attn, v)
     if conv_weight is not None:
-        out[:, :, prefix:] += _dwc_loops(v, conv_weight, conv_bias, prefix, h, w)
+        out[:, :, prefix:] += _dwc_loops(v, conv_weight, conv_bias, prefix, h, w, dilation)
     return out

@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..attention.agent import AgentAttention, kmeans_stride, pool_patch_grid, subgrid
-from ..attention.grid import patch_grid
+from ..attention.grid import conv_dilation, patch_grid
 from ..attention.ops import workspace
 from ..errors import UnsupportedModelError
 from ..runtime import freed_memory_kept
@@ -122,6 +122,7 @@ def agent_streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     attn: AgentAttention = block.attn
     grid = patch_grid(attn, n)
     prefix = grid[0]
+    dilation = conv_dilation(grid[1], grid[2], attn.dwc_grid)
     h, d, a = attn.num_heads, attn.head_dim, attn.attn_dim
     chunk = _STATE["chunk_tokens"]
     spans = _spans(n, max(1, math.ceil(n / chunk)))
@@ -160,7 +161,7 @@ def agent_streamed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 att = x.new_empty(c_rows, a)
                 for j in range(h):  # each head's mixture of agent states, written in (rows, A) layout
                     torch.mm(weights[:, j], states[j], out=att[:, j * d: (j + 1) * d])
-                conv = local_conv_rows(attn.dwc, grid, v, s0, e0)
+                conv = local_conv_rows(attn.dwc, grid, v, s0, e0, dilation)
                 if conv is not None:
                     att[conv[0]:].add_(conv[1])
                 _addmm(attn.proj.bias, att, wp.t(), out=mixed)

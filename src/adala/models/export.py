@@ -92,6 +92,9 @@ def check_exportable(model: nn.Module, dynamic: bool) -> None:
         if dynamic and kind in STATIC_ONLY:
             raise ExportError(f"{kind} attention cannot be exported with dynamic sizes ({STATIC_ONLY[kind]}); "
                               "export without --dynamic, once per image size")
+    if dynamic and any(getattr(m, "dwc_grid", 0) for m in model.modules()):
+        raise ExportError("dwc_grid spreads the dwc conv by a dilation that follows the patch grid, known only as "
+                          "Python integers; export without --dynamic, once per image size")
     if dynamic and not getattr(vit, "dynamic_img_size", False):
         raise ExportError("this model was built for one image size (dynamic_img_size=False); export without --dynamic")
     if dynamic and getattr(vit, "pos_embed_antialias", True):

@@ -127,9 +127,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if options:
         cfg = with_options(cfg, options, p)
     model = build_model(cfg)
-    mismatch = state_mismatch(model, sd) if options else None
-    if mismatch:  # the saved weights fit the saved options, so the new ones are to blame
-        raise ConfigError(f"attention options {sorted(options)} change the weights of {p}, so they cannot be set "
-                          f"when loading it ({mismatch})")
-    load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
+    if options:  # the saved weights fit the saved options, so a mismatch is the new options' doing
+        mismatch = state_mismatch(model, sd)
+        if mismatch:
+            raise ConfigError(f"attention options {sorted(options)} change the weights of {p}, so they cannot be "
+                              f"set when loading it ({mismatch})")
+        model.load_state_dict(sd, strict=True)  # checked just above: no second state_mismatch pass
+    else:
+        load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
     return model.to(device).eval()

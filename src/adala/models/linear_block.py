@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from ..attention.gate import OutputGate
-from ..attention.grid import patch_grid
+from ..attention.grid import conv_dilation, patch_grid
 from ..attention.linear import LinearAttention
 from ..attention.ops import apply_feature_map_, workspace
 from ..errors import ConfigError, UnsupportedModelError
@@ -142,8 +142,8 @@ def streamable_conv(attn: nn.Module, n: int) -> bool:
     return True
 
 
-def local_conv_rows(conv: nn.Conv2d, grid: tuple[int, int, int], v_rows: torch.Tensor, s: int, e: int
-                    ) -> tuple[int, torch.Tensor] | None:
+def local_conv_rows(conv: nn.Conv2d, grid: tuple[int, int, int], v_rows: torch.Tensor, s: int, e: int,
+                    dilation: tuple[int, int] = (1, 1)) -> tuple[int, torch.Tensor] | None:
     """A ``dwc`` conv's addition to tokens [s, e) of one image, from the V rows (N, A) of all its tokens on the
     patch grid ``(prefix, h, w)``: the chunk row where its patch tokens start and their (rows, A) conv output;
     None for a chunk of prefix tokens.
@@ -151,21 +151,22 @@ def local_conv_rows(conv: nn.Conv2d, grid: tuple[int, int, int], v_rows: torch.T
     Only the grid rows the chunk touches, plus the kernel's halo, are convolved: zero rows stand in for the
     halo beyond the image edge, so every output equals the whole-grid conv with its zero padding. The padded
     grid is built channels-last, the layout V rows already have: one strided copy in, and oneDNN's depthwise
-    conv writes (rows, A) token rows straight out (an NCHW pad and conv took 14× longer at 1344²)."""
+    conv writes (rows, A) token rows straight out (an NCHW pad and conv took 14× longer at 1344²).
+    ``dilation`` (``attention.grid.conv_dilation``) spreads the taps; the halo grows with it."""
     prefix, gh, gw = grid
     a = v_rows.shape[1]
     p0, p1 = max(s - prefix, 0), e - prefix
     if p1 <= 0:
         return None
     r0, r1 = p0 // gw, (p1 - 1) // gw + 1  # grid rows holding patches p0..p1-1
-    ph, pw = conv.padding
+    ph, pw = dilation[0] * (conv.kernel_size[0] // 2), dilation[1] * (conv.kernel_size[1] // 2)
     a0, a1 = max(r0 - ph, 0), min(r1 + ph, gh)  # rows of V the conv reads
     padded = torch.empty((1, a, r1 - r0 + 2 * ph, gw + 2 * pw), dtype=v_rows.dtype, device=v_rows.device,
                          memory_format=torch.channels_last).zero_()
     top = ph - (r0 - a0)
     padded[0, :, top: top + a1 - a0, pw: pw + gw].copy_(
         v_rows[prefix + a0 * gw: prefix + a1 * gw].view(a1 - a0, gw, a).permute(2, 0, 1))
-    y = F.conv2d(padded, conv.weight, conv.bias, groups=a)[0]  # (A, r1 - r0, gw), channels-last
+    y = F.conv2d(padded, conv.weight, conv.bias, dilation=dilation, groups=a)[0]  # (A, r1 - r0, gw), channels-last
     first = p0 - r0 * gw
     return max(prefix - s, 0), y.flatten(1).t()[first: first + p1 - p0]
 
@@ -203,6 +204,7 @@ class _Attention:
         self.tau = None if tau is None else tau.to(w.dtype)
         self.dwc, self.out_gate = attn.dwc, attn.out_gate
         self.grid = None if attn.dwc is None else patch_grid(attn, n)  # (prefix, h, w)
+        self.dilation = None if self.grid is None else conv_dilation(*self.grid[1:], attn.dwc_grid)
         # fold proj into the state from N >= C on, as LinearAttention.forward does (not past a conv or gate)
         self.fold = n >= attn.proj.out_features and attn.dwc is None and attn.out_gate is None
         self.wpt = attn.proj.weight.t().reshape(self.h, self.d, -1)  # (H, D, C) rows of Wpᵀ per head
@@ -249,7 +251,7 @@ class _Attention:
 
     def local_conv(self, v_rows: torch.Tensor, s: int, e: int) -> tuple[int, torch.Tensor] | None:
         """``dwc``'s addition to tokens [s, e) of one image (see :func:`local_conv_rows`)."""
-        return local_conv_rows(self.dwc, self.grid, v_rows, s, e)
+        return local_conv_rows(self.dwc, self.grid, v_rows, s, e, self.dilation)
 
     def attend(self, q_rows: torch.Tensor, mat: torch.Tensor, ksum_diag: torch.Tensor, out: torch.Tensor,
                conv: tuple[int, torch.Tensor] | None = None, gate_down: torch.Tensor | None = None) -> None:
