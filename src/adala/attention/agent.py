@@ -20,6 +20,8 @@ before any query exists, which lets the streamed CPU block (``models.linear_bloc
 passes as linear attention (pass 1: online softmax of agents over key chunks; pass 2: queries against S).
 
 ``temperature`` (τ_q, τ_a): learnable per-head log-scales, 0 at init (exactly the construction above).
+``dwc``: a depthwise conv on V over the patch grid, added to the patch outputs (the local detail ≤ m agents cannot
+carry); ``dwc_grid``: its taps spread on grids wider than the one it was trained at (``grid.conv_dilation``).
 """
 
 from __future__ import annotations

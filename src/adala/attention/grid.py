@@ -35,8 +35,8 @@ def patch_grid(module: nn.Module, n: int) -> tuple[int, int, int]:
 
 def conv_dilation(h: int, w: int, dwc_grid: int) -> tuple[int, int]:
     """Dilation of a ``dwc`` conv on an h×w patch grid when it was trained on a ``dwc_grid``-wide one: its taps
-    spread by round(side / dwc_grid) patches along each axis (at least 1), so it reads the same fraction of the
-    image at every size; ``dwc_grid`` 0 keeps adjacent patches everywhere.
+    spread by round(side / dwc_grid) patches along each axis (at least 1), so on any grid it reads the fraction of
+    the image it read on the ``dwc_grid``-wide one; ``dwc_grid`` 0 keeps adjacent patches everywhere.
 
     Why: the teacher's positional embedding is interpolated to the grid, so what its attention reads near a patch
     is partly a fixed fraction of the image, which is more patches the larger the input. A 3×3 conv trained at
@@ -61,8 +61,8 @@ def grid_conv(conv: nn.Conv2d, x: torch.Tensor, dilation: tuple[int, int] = (1, 
 def check_dwc_grid(dwc_grid: object, dwc: int) -> int:
     """``dwc_grid`` validated: a non-negative int, and only with a ``dwc`` conv to spread."""
     if isinstance(dwc_grid, bool) or not isinstance(dwc_grid, int) or dwc_grid < 0:
-        raise ConfigError(f"dwc_grid must be 0 (off) or the patch-grid side the dwc conv is trained at, e.g. 16 for "
-                          f"224² with 14-pixel patches; got {dwc_grid!r}")
+        raise ConfigError(f"dwc_grid must be 0 (off) or a patch-grid side G (the dwc taps sit round(side / G) patches "
+                          f"apart; 16 is 224² with 14-pixel patches), got {dwc_grid!r}")
     if dwc_grid and not dwc:
         raise ConfigError("dwc_grid spreads a dwc conv, so it needs dwc (e.g. dwc: 3)")
     return dwc_grid
