@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import KernelAttention, upcast
-from .grid import check_dwc_grid, conv_dilation, grid_conv, patch_grid
+from .grid import conv_dilation, grid_conv, local_conv, patch_grid
 from .registry import register
 
 
@@ -101,18 +101,11 @@ class AgentAttention(KernelAttention):
             raise ConfigError(f"agent kmeans must be a number of Lloyd iterations >= 0, got {kmeans!r}")
         if isinstance(kmeans_points, bool) or not isinstance(kmeans_points, int) or kmeans_points < 0:
             raise ConfigError(f"agent kmeans_points must be >= 0 (0: every patch), got {kmeans_points!r}")
-        if isinstance(dwc, bool) or not isinstance(dwc, int) or dwc < 0 or (dwc and dwc % 2 == 0):
-            raise ConfigError(f"dwc must be 0 (off) or a positive odd kernel size, got {dwc!r}")
-        check_dwc_grid(dwc_grid, dwc)
         extra = {"dwc_grid": dwc_grid} if dwc_grid else {}  # configs written before the option stay unchanged
         super().__init__(attn, agents=agents, temperature=temperature, dwc=dwc, kmeans=kmeans,
                          kmeans_points=kmeans_points, **extra, **options)
         self.kmeans, self.kmeans_points = kmeans, kmeans_points
-        self.dwc, self.dwc_grid = None, dwc_grid
-        if dwc:
-            self.dwc = nn.Conv2d(self.attn_dim, self.attn_dim, dwc, padding=dwc // 2, groups=self.attn_dim)
-            nn.init.zeros_(self.dwc.weight)
-            nn.init.zeros_(self.dwc.bias)
+        self.dwc, self.dwc_grid = local_conv(self.attn_dim, dwc, dwc_grid), dwc_grid
         self.agents = agents
         # (2, H, 1, 1): log τ_q (queries -> agents) and log τ_a (agents -> keys)
         self.log_tau = nn.Parameter(torch.zeros(2, self.num_heads, 1, 1)) if temperature else None

@@ -34,9 +34,10 @@ def patch_grid(module: nn.Module, n: int) -> tuple[int, int, int]:
 
 
 def conv_dilation(h: int, w: int, dwc_grid: int) -> tuple[int, int]:
-    """Dilation of a ``dwc`` conv on an h×w patch grid when it was trained on a ``dwc_grid``-wide one: its taps
-    spread by round(side / dwc_grid) patches along each axis (at least 1), so on any grid it reads the fraction of
-    the image it read on the ``dwc_grid``-wide one; ``dwc_grid`` 0 keeps adjacent patches everywhere.
+    """Dilation of a ``dwc`` conv on an h×w patch grid: its taps sit round(side / dwc_grid) patches apart along
+    each axis (at least 1), so on any grid it reads the fraction of the image it reads on adjacent patches of a
+    ``dwc_grid``-wide grid; ``dwc_grid`` 0 keeps adjacent patches everywhere. Trained at 224² (a 16-wide grid for
+    14-pixel patches), G = 16 keeps that fraction exactly; the reference takes 32, half of it (README).
 
     Why: the teacher's positional embedding is interpolated to the grid, so what its attention reads near a patch
     is partly a fixed fraction of the image, which is more patches the larger the input. A 3×3 conv trained at
@@ -58,14 +59,23 @@ def grid_conv(conv: nn.Conv2d, x: torch.Tensor, dilation: tuple[int, int] = (1, 
                     dilation=dilation, groups=conv.groups)
 
 
-def check_dwc_grid(dwc_grid: object, dwc: int) -> int:
-    """``dwc_grid`` validated: a non-negative int, and only with a ``dwc`` conv to spread."""
+def local_conv(channels: int, dwc: object, dwc_grid: object) -> nn.Conv2d | None:
+    """The ``dwc`` option of a linear kind, checked: a zero-initialised depthwise ``dwc``×``dwc`` conv over
+    ``channels`` (None for 0), so the kind starts as the exact identity of its plain self; ``dwc_grid`` (0, or a
+    grid side G, see :func:`conv_dilation`) only with a conv to spread. One place for every kind that takes them."""
+    if isinstance(dwc, bool) or not isinstance(dwc, int) or dwc < 0 or (dwc and dwc % 2 == 0):
+        raise ConfigError(f"dwc must be 0 (off) or a positive odd kernel size, got {dwc!r}")
     if isinstance(dwc_grid, bool) or not isinstance(dwc_grid, int) or dwc_grid < 0:
         raise ConfigError(f"dwc_grid must be 0 (off) or a patch-grid side G (the dwc taps sit round(side / G) patches "
                           f"apart; 16 is 224² with 14-pixel patches), got {dwc_grid!r}")
     if dwc_grid and not dwc:
         raise ConfigError("dwc_grid spreads a dwc conv, so it needs dwc (e.g. dwc: 3)")
-    return dwc_grid
+    if not dwc:
+        return None
+    conv = nn.Conv2d(channels, channels, dwc, padding=dwc // 2, groups=channels)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class _GridTracker:

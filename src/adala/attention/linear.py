@@ -20,8 +20,8 @@ so every output drifts towards the mean value — and both start as exact identi
 * ``dwc=K``: a depthwise K×K convolution over V on the patch grid, added to the patch tokens' output
   (FLatten's and EfficientViT's rank restoration: linear attention's output has rank ≤ d; a local conv restores
   the fine local detail softmax's peaked attention gives). Zero-initialised; prefix tokens get none.
-  Costs K²·C FLOPs per token, under 1 % of a block at K=3. ``dwc_grid=G`` spreads its taps by round(side / G)
-  patches on larger grids (``grid.conv_dilation``): G is the grid side it was trained at, e.g. 16 for 224².
+  Costs K²·C FLOPs per token, under 1 % of a block at K=3. ``dwc_grid=G`` spreads its taps round(side / G)
+  patches apart on grids wider than G (``grid.conv_dilation``; weight-free, the same cost).
 
 A third, ``out_gate=R``, multiplies the output by a rank-R gate of the block input, exactly 1 at init
 (``adala.attention.gate``).
@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..tracing import is_tracing
 from .base import KernelAttention
 from .gate import OutputGate, check_rank
-from .grid import check_dwc_grid, conv_dilation, grid_conv, patch_grid
+from .grid import conv_dilation, grid_conv, local_conv, patch_grid
 from .ops import (
     DEFAULT_EPS,
     FEATURE_MAPS,
@@ -71,10 +71,7 @@ class LinearAttention(KernelAttention):
             raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if not isinstance(temperature, bool):
             raise ConfigError(f"temperature must be true or false, got {temperature!r}")
-        if isinstance(dwc, bool) or not isinstance(dwc, int) or dwc < 0 or (dwc and dwc % 2 == 0):
-            raise ConfigError(f"dwc must be 0 (off) or a positive odd kernel size, got {dwc!r}")
         check_rank(out_gate)
-        check_dwc_grid(dwc_grid, dwc)
         extra = {k: v for k, v in (("temperature", temperature), ("dwc", dwc), ("dwc_grid", dwc_grid),
                                    ("out_gate", out_gate)) if v}
         super().__init__(attn, eps=eps, kernel=kernel, **extra, **options)
@@ -83,11 +80,8 @@ class LinearAttention(KernelAttention):
         self.feature_map = FEATURE_MAPS[self.feature_map_name]
         # (2, H, 1): log-scales of q and k per head, broadcast over tokens and channels
         self.log_tau = nn.Parameter(torch.zeros(2, self.num_heads, 1)) if temperature else None
-        self.dwc, self.dwc_grid = None, dwc_grid
-        if dwc:
-            self.dwc = nn.Conv2d(self.attn_dim, self.attn_dim, dwc, padding=dwc // 2, groups=self.attn_dim)
-            nn.init.zeros_(self.dwc.weight)
-            nn.init.zeros_(self.dwc.bias)
+        self.dwc, self.dwc_grid = local_conv(self.attn_dim, dwc, dwc_grid), dwc_grid
+        if self.dwc is not None:
             self.uses_grid = True  # surgery's patch-grid tracker keeps self.grid fresh
             self.grid: tuple[int, int] | None = None
         if out_gate:
