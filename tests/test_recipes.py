@@ -145,6 +145,12 @@ EVAL = {"kind": "evaluate", "from": "stage2", "task": "features", "data": "photo
     ({"eval": {**EVAL, "options": {"dwc": 3}}}, "stages.eval.options: ['dwc'] change the weights of stage2's"),
     ({"eval": {**EVAL, "options": {"kernel": "fast"}}}, "stages.eval.options: kernel must be one of"),
     ({"eval": {**EVAL, "from": "teacher", "options": {"eps": 1e-5}}}, "teacher has no linear attention"),
+    ({"stage2": {"kind": "align-features", "from": "stage1", "data": "photos", "train_options": {"dwc": 3}}},
+     "stages.stage2.train_options: ['dwc'] change the weights of stage1's"),
+    ({"stage2": {"kind": "align-features", "from": "stage1", "data": "photos", "train_options": {"epz": 1}}},
+     "stages.stage2.train_options: "),
+    ({"stage1": {"kind": "align-attention", "from": "student", "data": "photos", "train_options": [1]}},
+     "stages.stage1.train_options: must be a mapping"),
 ])
 def test_check_builds_what_the_run_would_and_names_the_stage(tiny_dir, tmp_path, capsys, change, message):
     """--check fails, in one line and before any training, on what the schema alone lets through (each of these
@@ -165,7 +171,7 @@ def test_check_says_what_it_checked(tiny_dir, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(r, sort_keys=False))
     assert main(["run", str(cfg), "--check"]) == 0
     out = capsys.readouterr().out
-    assert "6 data specs parse" in out and "1 students linearized on it, 1 rebuilt with an evaluation's" in out
+    assert "6 data specs parse" in out and "1 students linearized on it, 1 rebuilt with a stage's" in out
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

@@ -163,11 +163,11 @@ KIND_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "linearize": {"attention": _str, "keep_softmax": _int_list, "options": _mapping},
     "align-attention": {"attention": _str, "data": _data, "steps": _int(1), "batch_size": _int(1), "lr": _num(),
                         "trainable": _choice(*TRAINABLE), "train": _choice(*TRAINABLE), "length": _int(1),
-                        **TRAIN_KEYS},
+                        "train_options": _mapping, **TRAIN_KEYS},
     "align-features": {"data": _data, "steps": _int(1), "batch_size": _int(1), "lr": _num(),
                        "loss": _choice(*LOSSES), "trainable": _choice(*TRAINABLE), "train": _choice(*TRAINABLE),
                        "length": _int(1), "mosaic": _num(0.0, strict=False, maximum=1.0),
-                       "cls_weight": _num(0.0, strict=False), **TRAIN_KEYS},
+                       "cls_weight": _num(0.0, strict=False), "train_options": _mapping, **TRAIN_KEYS},
     "finetune": {"task": _choice(*FINETUNE_TASKS), "data": _str,
                  "epochs": _num(), "steps": _int(1), "batch_size": _int(1), "lr": _num(), "head": _str,
                  "freeze_backbone": _bool, "length": _int(1), "eval_data": _str, "eval_length": _int(1),
@@ -426,11 +426,13 @@ def _check_students(recipe: Recipe) -> str:
         builds = st.kind == "linearize" or (st.kind == "align-attention" and st.source is None)
         root[st.name] = st.name if builds else root.get(st.source) if st.source not in (None, "teacher") else None
     built = [st for st in recipe.stages if root[st.name] == st.name]
-    rebuilt = [st for st in recipe.stages if st.kind == "evaluate" and st.options.get("options")]
+    # an evaluation's `options` and an alignment's `train_options` rebuild the student with other options
+    key = {st.name: "options" if st.kind == "evaluate" else "train_options" for st in recipe.stages}
+    rebuilt = [st for st in recipe.stages if st.options.get(key[st.name])]
     for st in rebuilt:
         if root[st.name] is None:
-            raise ConfigError(f"stages.{st.name}.options: {st.source} has no linear attention: attention options "
-                              "do not apply to it")
+            raise ConfigError(f"stages.{st.name}.{key[st.name]}: {st.source} has no linear attention: attention "
+                              "options do not apply to it")
     if recipe.teacher.startswith("hf:"):
         for st in built:
             try:
@@ -456,16 +458,16 @@ def _check_students(recipe: Recipe) -> str:
             raise ConfigError(f"stages.{st.name}: {e}") from None
     by_name = {st.name: st for st in recipe.stages}
     for st in rebuilt:
-        changed = st.options["options"]
+        changed = st.options[key[st.name]]
         try:
             mismatch = state_mismatch(build(by_name[root[st.name]], changed), students[root[st.name]].state_dict())
         except AdalaError as e:
-            raise ConfigError(f"stages.{st.name}.options: {e}") from None
+            raise ConfigError(f"stages.{st.name}.{key[st.name]}: {e}") from None
         if mismatch:
-            raise ConfigError(f"stages.{st.name}.options: {sorted(changed)} change the weights of {st.source}'s "
-                              f"student, so an evaluation cannot set them ({mismatch})")
+            raise ConfigError(f"stages.{st.name}.{key[st.name]}: {sorted(changed)} change the weights of "
+                              f"{st.source or st.name}'s student, so they cannot be set here ({mismatch})")
     return (f"teacher {recipe.teacher}: architecture built; {len(built)} students linearized on it, "
-            f"{len(rebuilt)} rebuilt with an evaluation's options")
+            f"{len(rebuilt)} rebuilt with a stage's options")
 
 
 def _stored_fingerprint(d: Path) -> str | None:

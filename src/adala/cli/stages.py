@@ -95,7 +95,8 @@ def _align_attention(args: argparse.Namespace) -> int:
     _check_out(args.out, args.resume)
     r = align_attention(args.teacher, args.student, attention=args.attention, data=_data(args.data),
                         img_size=args.img_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        trainable=args.trainable, out=args.out, force=args.force, **_train_kwargs(args))
+                        trainable=args.trainable, train_options=parse_options(args.train_option) or None,
+                        out=args.out, force=args.force, **_train_kwargs(args))
     blocks = sorted((k for k in r.metrics if k.startswith("loss/block_")), key=lambda k: int(k.split("_")[-1]))
     _print_metrics(r, ("loss",))
     if blocks:
@@ -110,7 +111,8 @@ def _align_features(args: argparse.Namespace) -> int:
     _check_out(args.out, args.resume)
     r = align_features(args.teacher, args.student, data=_data(args.data), img_size=args.img_size, steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, loss=args.loss, trainable=args.trainable,
-                       mosaic=args.mosaic, cls_weight=args.cls_weight, out=args.out, force=args.force,
+                       mosaic=args.mosaic, cls_weight=args.cls_weight,
+                       train_options=parse_options(args.train_option) or None, out=args.out, force=args.force,
                        **_train_kwargs(args))
     _print_metrics(r, ("loss", "mse", "cosine"))
     return 0
@@ -198,6 +200,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-option", dest="train_option", action="append", metavar="KEY=VALUE",
+                   help="a weight-free attention option in force while training only, e.g. agents=4; the student "
+                        "is saved with its own (repeatable; default: none)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align-attention", help="stage 1: align each linear attention with its softmax teacher")
     p.add_argument("--teacher", default="dinov2-s14", help="teacher spec (see 'adala teachers')")
@@ -214,6 +222,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--trainable", "--train", dest="trainable", choices=TRAINABLE, default="attention",
                    help="what stage 1 trains: q/k/v (+ the kind's own parameters), plus proj, or also norm1")
+    _add_train_option(p)
     p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
     p.set_defaults(func=_align_attention)
@@ -237,6 +246,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cls-weight", type=float, default=0.0,
                    help="weight of the same loss on the CLS/register tokens alone (1: as much as all patches; "
                         "default: 0, none)")
+    _add_train_option(p)
     p.add_argument("--out", required=True, help="output directory")
     _add_train_args(p)
     p.set_defaults(func=_align_features)

@@ -112,6 +112,32 @@ def with_options(cfg: dict[str, Any], options: dict[str, Any], source: str | os.
     return {**cfg, "attention": {**att, "options": {**att.get("options", {}), **options}}}
 
 
+def with_attention_options(model: nn.Module, options: dict[str, Any] | None, what: str = "the student") -> nn.Module:
+    """``model`` computing with other weight-free attention ``options``: a module rebuilt from its config with the
+    options changed, holding the very same parameter and buffer objects (not copies), so training it trains
+    ``model``, which keeps its own options and config for saving. ``model`` itself when there are none.
+
+    Why: a stage can train under the conditions the student meets where it is used. ``agent`` with 64 agents
+    puts 4 patches on each agent at 224² and 144 at 1344²; training at 224² with ``agents=4`` (16 agents, 16
+    patches each) makes the conv and projections carry what coarse agents miss, as they must at 448² and up
+    (README, reference measurement)."""
+    if not options:
+        return model
+    if not isinstance(options, dict):
+        raise ConfigError(f"train options must be a mapping of attention options, got {options!r}")
+    view = build_model(with_options(get_config(model), options, what))
+    sd = model.state_dict(keep_vars=True)
+    mismatch = state_mismatch(view, sd)
+    if mismatch:
+        raise ConfigError(f"train options {sorted(options)} change the weights of {what}, so they cannot differ "
+                          f"while training ({mismatch})")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    view.load_state_dict(sd, strict=True, assign=True)  # assign: the same Parameter objects, not copies
+    for name, p in view.named_parameters():  # assign copies the view's fresh requires_grad onto them
+        p.requires_grad_(flags[name])
+    return view.train(model.training)
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                options: dict[str, Any] | None = None) -> nn.Module:
     """Rebuild exactly the saved model (eval mode) from a directory, with no network and no pickle.

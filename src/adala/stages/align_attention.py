@@ -21,6 +21,7 @@ from ..data.model_datasets import dataset
 from ..errors import ConfigError
 from ..models import linearize
 from ..models.families import family_of
+from ..models.io import with_attention_options
 from ..models.recorder import TeacherRecorder
 from ..models.resolve import as_teacher, check_img_size, check_pair, trainable_copy
 from ..models.surgery import attention_modules, backbone_of, linear_blocks
@@ -118,6 +119,7 @@ def align_attention(
     batch_size: int = 8,
     lr: float = 1e-3,
     trainable: str = "attention",
+    train_options: dict[str, Any] | None = None,
     out: str | os.PathLike | None = None,
     length: int | None = None,
     force: bool = False,
@@ -127,6 +129,8 @@ def align_attention(
     """Stage 1. ``student`` defaults to ``adala.linearize(teacher, attention)``; unlabeled ``data``.
 
     Returns the aligned student (saved to ``out`` with ``metrics.json``; the engine's ``log.jsonl`` beside it).
+    ``train_options``: weight-free attention options in force while training only (``{"agents": 4}``: the student
+    learns with 16 agents and is saved with its own; :func:`adala.models.io.with_attention_options` says why).
     ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
     ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
@@ -140,10 +144,13 @@ def align_attention(
         check_img_size(teacher, img_size)
         cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
         check_fits(teacher, img_size, cfg.batch_size, cfg.device, amp=cfg.amp)
-        trainable_attention_params(student, trainable)
+        trained = with_attention_options(student, train_options)  # student's own parameters, other options
+        trainable_attention_params(trained, trainable)
         ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
-        objective = AttentionAlignment(teacher, student, trainable=trainable)
-        objective.run_config = stage_options(teacher, img_size=img_size, train=trainable, data=data, length=length)
+        objective = AttentionAlignment(teacher, trained, trainable=trainable)
+        extra = {"train_options": dict(train_options)} if train_options else {}
+        objective.run_config = stage_options(teacher, img_size=img_size, train=trainable, data=data, length=length,
+                                             **extra)
         try:
             result = run_training(objective, ds, cfg, out, stage="align-attention", finished=is_finished(out))
         finally:

@@ -19,6 +19,7 @@ from ..data.model_datasets import dataset
 from ..data.transforms import IndexedDataset, MultiSizeCollate
 from ..errors import ConfigError
 from ..models.families import family_of
+from ..models.io import with_attention_options
 from ..models.resolve import as_teacher, check_img_size, check_pair, trainable_copy
 from ..models.surgery import backbone_of
 from ..outdir import claim_output, is_finished, out_dir
@@ -104,6 +105,7 @@ def align_features(
     trainable: str = "all",
     mosaic: float = 0.0,
     cls_weight: float = 0.0,
+    train_options: dict[str, Any] | None = None,
     out: str | os.PathLike | None = None,
     length: int | None = None,
     force: bool = False,
@@ -117,6 +119,8 @@ def align_features(
     ``mosaic`` (0–1) replaces that fraction of images by 2×2 mosaics of four batch images
     (``adala.data.transforms.mosaic_batch``): new scenes from the same sources, for small datasets.
     ``cls_weight`` ≥ 0 adds the loss on the prefix tokens alone with that weight (:class:`FeatureAlignment`).
+    ``train_options``: weight-free attention options in force while training only, as in stage 1
+    (:func:`adala.models.io.with_attention_options`); the student is saved with its own.
     ``out`` must not be the student's or teacher's directory, and must be new, empty or adala's own unless
     ``force``; it is locked while the stage runs. ``resume=True`` on a finished stage is a no-op.
     """
@@ -140,7 +144,8 @@ def align_features(
             check_img_size(teacher, s)
         cfg = train_config(steps=steps, batch_size=batch_size, lr=lr, train_kwargs=train_kwargs)
         check_fits(teacher, max(sizes), cfg.batch_size, cfg.device, amp=cfg.amp)
-        _select_trainable(student, trainable)
+        trained = with_attention_options(student, train_options)  # student's own parameters, other options
+        _select_trainable(trained, trainable)
         ds = dataset(teacher, data, task="unlabeled", img_size=max(sizes), train=True, seed=cfg.seed,
                      length=length)
         collate = None
@@ -148,8 +153,10 @@ def align_features(
             if isinstance(ds, torch.utils.data.IterableDataset):
                 raise ConfigError("several img_size values or mosaic need map-style data (not wds:)")
             ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed, float(mosaic))
-        objective = FeatureAlignment(teacher, student, loss, cls_weight)
-        extra = {"mosaic": float(mosaic)} if mosaic else {}
+        objective = FeatureAlignment(teacher, trained, loss, cls_weight)
+        extra: dict[str, Any] = {"mosaic": float(mosaic)} if mosaic else {}
+        if train_options:
+            extra["train_options"] = dict(train_options)
         if cls_weight:
             extra["cls_weight"] = float(cls_weight)
         objective.run_config = stage_options(teacher, img_size=img_size, loss=loss, train=trainable, data=data,
