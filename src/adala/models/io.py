@@ -112,6 +112,18 @@ def with_options(cfg: dict[str, Any], options: dict[str, Any], source: str | os.
     return {**cfg, "attention": {**att, "options": {**att.get("options", {}), **options}}}
 
 
+def _rebuilt(cfg: dict[str, Any], options: dict[str, Any], sd: dict[str, torch.Tensor], what: str,
+             when: str) -> nn.Module:
+    """A fresh model from ``cfg`` with attention ``options`` changed, refused in one line if they would change
+    the weights ``sd`` fits (only options that carry no weights may differ)."""
+    model = build_model(with_options(cfg, options, what))
+    mismatch = state_mismatch(model, sd)
+    if mismatch:
+        raise ConfigError(f"attention options {sorted(options)} change the weights of {what}, so they cannot be set "
+                          f"{when} ({mismatch})")
+    return model
+
+
 def with_attention_options(model: nn.Module, options: dict[str, Any] | None, what: str = "the student") -> nn.Module:
     """``model`` computing with other weight-free attention ``options``: a module rebuilt from its config with the
     options changed, holding the very same parameter and buffer objects (not copies), so training it trains
@@ -125,12 +137,8 @@ def with_attention_options(model: nn.Module, options: dict[str, Any] | None, wha
         return model
     if not isinstance(options, dict):
         raise ConfigError(f"train options must be a mapping of attention options, got {options!r}")
-    view = build_model(with_options(get_config(model), options, what))
     sd = model.state_dict(keep_vars=True)
-    mismatch = state_mismatch(view, sd)
-    if mismatch:
-        raise ConfigError(f"train options {sorted(options)} change the weights of {what}, so they cannot differ "
-                          f"while training ({mismatch})")
+    view = _rebuilt(get_config(model), options, sd, what, "while training")
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     view.load_state_dict(sd, strict=True, assign=True)  # assign: the same Parameter objects, not copies
     for name, p in view.named_parameters():  # assign copies the view's fresh requires_grad onto them
@@ -150,15 +158,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if cfg.get("sha256") and (p / (WEIGHTS + ".sha256")).is_file() is False:
         if sha256_file(p / WEIGHTS) != cfg["sha256"]:
             raise CheckpointError(f"{p / WEIGHTS} is corrupt (checksum mismatch)")
-    if options:
-        cfg = with_options(cfg, options, p)
-    model = build_model(cfg)
     if options:  # the saved weights fit the saved options, so a mismatch is the new options' doing
-        mismatch = state_mismatch(model, sd)
-        if mismatch:
-            raise ConfigError(f"attention options {sorted(options)} change the weights of {p}, so they cannot be "
-                              f"set when loading it ({mismatch})")
-        model.load_state_dict(sd, strict=True)  # checked just above: no second state_mismatch pass
+        model = _rebuilt(cfg, options, sd, str(p), "when loading it")
+        model.load_state_dict(sd, strict=True)  # checked by _rebuilt: no second state_mismatch pass
     else:
+        model = build_model(cfg)
         load_state_exact(model, sd, p / WEIGHTS, cfg.get("arch"))
     return model.to(device).eval()
