@@ -148,9 +148,8 @@ def align_attention(
         trainable_attention_params(trained, trainable)
         ds = dataset(teacher, data, task="unlabeled", img_size=img_size, train=True, seed=cfg.seed, length=length)
         objective = AttentionAlignment(teacher, trained, trainable=trainable)
-        extra = {"train_options": dict(train_options)} if train_options else {}
         objective.run_config = stage_options(teacher, img_size=img_size, train=trainable, data=data, length=length,
-                                             **extra)
+                                             optional={"train_options": dict(train_options or {})})
         try:
             result = run_training(objective, ds, cfg, out, stage="align-attention", finished=is_finished(out))
         finally:

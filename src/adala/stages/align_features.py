@@ -154,13 +154,10 @@ def align_features(
                 raise ConfigError("several img_size values or mosaic need map-style data (not wds:)")
             ds, collate = IndexedDataset(ds), MultiSizeCollate(tuple(sizes), cfg.seed, float(mosaic))
         objective = FeatureAlignment(teacher, trained, loss, cls_weight)
-        extra: dict[str, Any] = {"mosaic": float(mosaic)} if mosaic else {}
-        if train_options:
-            extra["train_options"] = dict(train_options)
-        if cls_weight:
-            extra["cls_weight"] = float(cls_weight)
-        objective.run_config = stage_options(teacher, img_size=img_size, loss=loss, train=trainable, data=data,
-                                             length=length, **extra)
+        objective.run_config = stage_options(
+            teacher, img_size=img_size, loss=loss, train=trainable, data=data, length=length,
+            optional={"mosaic": float(mosaic), "cls_weight": float(cls_weight),
+                      "train_options": dict(train_options or {})})
         result = run_training(objective, ds, cfg, out, stage="align-features", collate_fn=collate,
                               finished=is_finished(out))
         if result.already_finished:

@@ -28,12 +28,18 @@ class StageResult:
     already_finished: bool = False  # ``resume`` found the stage finished: nothing was trained or written
 
 
-def stage_options(teacher: nn.Module | None, **options: Any) -> dict[str, Any]:
+def stage_options(teacher: nn.Module | None, optional: dict[str, Any] | None = None,
+                  **options: Any) -> dict[str, Any]:
     """The stage options that shape the optimisation problem, recorded in every checkpoint and compared on
     resume (``objective.run_config``): the image size, loss, trainable set, data and the teacher's identity
     (its config, which names the spec and, for a saved model, the weights' sha256). TrainConfig fields
-    (lr, steps, batch size, seed, ...) are compared by the engine itself."""
+    (lr, steps, batch size, seed, ...) are compared by the engine itself.
+
+    ``optional`` holds options added after checkpoints already existed (``mosaic``, ``cls_weight``,
+    ``train_options``): each is recorded only when set, so a checkpoint written before it, which ran at its
+    default, still resumes."""
     record = dict(options)
+    record.update({k: v for k, v in (optional or {}).items() if v})
     if teacher is not None:
         cfg = dict(getattr(teacher, "adala_config", None) or {})
         cfg.pop("adala_version", None)  # upgrading adala does not change the teacher
