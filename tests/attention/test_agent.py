@@ -50,6 +50,7 @@ def teacher_attn():
 @pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 1, "dwc": 3},
                                      {"agents": 4, "kmeans": 2, "temperature": False},
                                      {"agents": 2, "kmeans": 2, "kmeans_points": 4},  # k-means on a 2× subgrid
+                                     {"agents": 2, "kmeans": 1, "dwc": 5},  # the reference recipe's conv
                                      {"agents": 2, "kmeans": 1, "dwc": 3, "dwc_grid": 2}])  # taps 2-4 patches apart
 def test_mix_matches_reference(one_thread, teacher_attn, prefix, grid, options):
     m = _perturb(build("agent", teacher_attn, **options)).double()
@@ -135,6 +136,7 @@ def _student(**options):
 @pytest.mark.parametrize("size", [(28, 28), (56, 84), (98, 42), (112, 112)])  # one chunk ... many; non-square
 @pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 2, "dwc": 3},
                                      {"agents": 2, "kmeans": 2, "kmeans_points": 6},
+                                     {"agents": 2, "kmeans": 2, "dwc": 5, "dwc_grid": 4},  # 5×5: a 2-4-row halo
                                      {"agents": 2, "kmeans": 2, "dwc": 3, "dwc_grid": 2}])  # taps 1-4 patches apart
 @pytest.mark.parametrize("batch", [1, 3])
 def test_streamed_block_matches_reference(one_thread, chunk, size, options, batch):
