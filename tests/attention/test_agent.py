@@ -50,7 +50,7 @@ def teacher_attn():
 @pytest.mark.parametrize("options", [{"agents": 2}, {"agents": 3, "kmeans": 2}, {"agents": 2, "kmeans": 1, "dwc": 3},
                                      {"agents": 4, "kmeans": 2, "temperature": False},
                                      {"agents": 2, "kmeans": 2, "kmeans_points": 4},  # k-means on a 2× subgrid
-                                     {"agents": 2, "kmeans": 1, "dwc": 5},  # the reference recipe's conv
+                                     {"agents": 2, "kmeans": 1, "dwc": 5},  # a 5×5 conv (README: the conv-width arm)
                                      {"agents": 2, "kmeans": 1, "dwc": 3, "dwc_grid": 2}])  # taps 2-4 patches apart
 def test_mix_matches_reference(one_thread, teacher_attn, prefix, grid, options):
     m = _perturb(build("agent", teacher_attn, **options)).double()
